@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels (Triton); each module imports cleanly without Triton installed."""

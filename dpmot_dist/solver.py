@@ -1,0 +1,366 @@
+"""Semi-discrete optimal transport by stochastic gradient descent on the dual (Brenier) potential.
+
+Problem (DESIGN §2). Source μ (a :class:`~dpmot_dist.sources.Source`), targets y_1..y_N with
+weights ν (Σν = 1). Minimise over h ∈ R^N the convex energy
+
+.. math::
+    E(h) = \\int \\max_i (\\langle x, y_i \\rangle + h_i)\\, d\\mu(x) - \\sum_i \\nu_i h_i,
+    \\qquad \\partial E / \\partial h_i = \\mu(W_i(h)) - \\nu_i .
+
+With B Monte Carlo samples per iteration, ĝ_i = count_i / B − ν_i and
+Ê = mean_x u_h(x) − Σ ν_i h_i. The update is Adam (Kingma & Ba 2015) on h, then h is
+centred (E is invariant under h → h + c). When ‖ĝ‖₂ has not improved for ``patience``
+iterations the batch grows by ``growth`` and the learning rate decays by ``lr_decay``
+(at most ``max_growths`` times): the schedule of the reference code (Lei et al., AE-OT /
+pyOMT; DPM-OT), whose source samples and search this module replaces. The returned
+potential is a polynomial-decay average of the iterates since the last schedule change
+(Shamir & Zhang 2013), which removes most of the Monte Carlo noise of the last iterates.
+
+The search over targets sits behind an :class:`Assigner`: :class:`LocalAssigner` runs it in
+process; the Ray shard actors of :mod:`dpmot_dist.fit` implement the same interface.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from dpmot_dist.search import TargetIndex
+from dpmot_dist.sources import Source
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, EVAL_STREAM, PROBE_STREAM = 0, 1, 2
+
+
+@dataclass
+class Assignment:
+    """Monte Carlo cell statistics of one batch of source samples.
+
+    Attributes:
+        counts: (N,) int64, samples whose argmax is cell i.
+        u_sum: Σ_x u_h(x) over the samples (float64).
+        samples: number of samples B.
+    """
+
+    counts: np.ndarray
+    u_sum: float
+    samples: int
+
+    def cell_mass(self) -> np.ndarray:
+        """μ̂_i = count_i / B."""
+        return self.counts / self.samples
+
+
+class Assigner(Protocol):
+    """Anything that maps the stream (seed, *key) of source samples to cell statistics."""
+
+    n: int
+
+    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment: ...
+
+    def score_gap(self, key: tuple[int, ...], samples: int) -> float: ...
+
+
+def batch_sizes(samples: int, chunk: int) -> list[int]:
+    """Split ``samples`` into micro-batches of at most ``chunk`` rows (the stream's batches)."""
+    return [min(chunk, samples - s) for s in range(0, samples, chunk)]
+
+
+class LocalAssigner:
+    """In-process assigner over one :class:`TargetIndex`.
+
+    Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``, so
+    any other assigner with the same seed, source and chunk sees the same points.
+    """
+
+    def __init__(self, index: TargetIndex, source: Source, seed: int, chunk: int = 4096):
+        self.index, self.source, self.seed, self.chunk = index, source, seed, chunk
+        self.n = index.n
+
+    def _points(self, key: tuple[int, ...], b: int, size: int) -> torch.Tensor:
+        return self.source.sample(size, self.index.dim, self.seed, *key, b, device=self.index.device)
+
+    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
+        """Cell counts and Σ u_h over ``samples`` points of the stream ``key``."""
+        h_t = torch.from_numpy(np.asarray(h, np.float64))
+        counts = np.zeros(self.n, np.int64)
+        u_sum = 0.0
+        for b, size in enumerate(batch_sizes(samples, self.chunk)):
+            values, indices = self.index.search(self._points(key, b, size), h_t, 1)
+            counts += np.bincount(indices[:, 0].cpu().numpy(), minlength=self.n)
+            u_sum += float(values[:, 0].sum())
+        return Assignment(counts, u_sum, samples)
+
+    def score_gap(self, key: tuple[int, ...], samples: int) -> float:
+        """Median over samples of (best − second-best score) at h = 0."""
+        if self.n < 2:
+            return 1.0
+        x = self._points(key, 0, samples)
+        values, _ = self.index.search(x, torch.zeros(self.n, dtype=torch.float64), 2)
+        return float((values[:, 0] - values[:, 1]).median())
+
+
+@dataclass
+class SolverState:
+    """Everything the iteration depends on; saving it and restarting reproduces the run."""
+
+    h: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
+    lr: float
+    batch: int
+    h_avg: np.ndarray
+    iteration: int = 0
+    avg_count: int = 0
+    growths: int = 0
+    best_grad: float = math.inf
+    stall: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    converged: bool = False
+    metrics: list[dict] = field(default_factory=list)
+
+    _ARRAYS = ("h", "m", "v", "h_avg")
+
+    def to_bytes(self) -> bytes:
+        """Serialise as an ``.npz`` (arrays, plus the scalars and metrics as JSON)."""
+        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._ARRAYS}
+        buf = io.BytesIO()
+        arrays = {name: getattr(self, name) for name in self._ARRAYS}
+        np.savez(buf, state=np.array(json.dumps(scalars)), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SolverState:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            scalars = json.loads(str(z["state"]))
+            arrays = {name: z[name].copy() for name in cls._ARRAYS}
+        return cls(**arrays, **scalars)
+
+
+@dataclass
+class SDOTResult:
+    """What a solve returns.
+
+    Attributes:
+        h: (N,) the potential (the iterate average when averaging is on), mean 0.
+        h_last: (N,) the last iterate.
+        converged: whether a tolerance was met before ``max_iters``.
+        iterations, samples: work done.
+        metrics: one dict per logged iteration (see :meth:`SDOTSolver.record`).
+        evaluation: TV, max relative error, empty fraction and energy of ``h`` on a fresh
+            evaluation sample (and its size and noise floor); empty when not evaluated.
+    """
+
+    h: np.ndarray
+    h_last: np.ndarray
+    converged: bool
+    iterations: int
+    samples: int
+    metrics: list[dict]
+    evaluation: dict = field(default_factory=dict)
+
+
+def cell_errors(mu: np.ndarray, nu: np.ndarray) -> dict[str, float]:
+    """TV = ½Σ|μ_i − ν_i|, max_i |μ_i/ν_i − 1| and the fraction of empty cells (ν_i > 0)."""
+    pos = nu > 0
+    return {
+        "tv": 0.5 * float(np.abs(mu - nu).sum()),
+        "max_rel_err": float(np.max(np.abs(mu[pos] / nu[pos] - 1.0))),
+        "empty_frac": float(np.mean(mu[pos] == 0)),
+    }
+
+
+def tv_noise_floor(n: int, samples: int) -> float:
+    """Expected TV of a perfect h measured with ``samples`` points: ≈ sqrt(N / (2π B))."""
+    return math.sqrt(n / (2 * math.pi * samples))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SDOTSolver:
+    """Hyper-parameters of the Monte Carlo SDOT solver; call :meth:`solve` on an assigner.
+
+    Attributes:
+        lr: Adam step size; ``None`` sets it to ``lr_scale`` × the median gap between the
+            best and second-best score of a source sample at h = 0 (scale-free).
+        samples_per_cell: initial batch is max(min_batch, samples_per_cell · N).
+        averaging: ``tail`` (polynomial-decay average since the last schedule change,
+            power ``tail_power``), ``ema`` (decay ``ema_decay``) or ``none``.
+        tol_grad, tol_tv: stop when ‖ĝ‖₂ (resp. the batch TV) falls below it with no empty
+            cell; ``None`` disables. ``max_iters`` caps the run.
+        eval_samples: size of the fresh evaluation sample (0 disables evaluation).
+    """
+
+    lr: float | None = None
+    lr_scale: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-12
+    bias_correction: bool = True
+    samples_per_cell: float = 10.0
+    min_batch: int = 4096
+    max_iters: int = 1000
+    patience: int = 50
+    growth: float = 2.0
+    lr_decay: float = 0.8
+    max_growths: int = 3
+    averaging: Literal["tail", "ema", "none"] = "tail"
+    tail_power: float = 3.0
+    ema_decay: float = 0.99
+    tol_grad: float | None = None
+    tol_tv: float | None = None
+    eval_samples: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.averaging not in ("tail", "ema", "none"):
+            raise ValueError(f"averaging must be tail, ema or none, got {self.averaging!r}")
+        if self.max_iters < 0 or self.min_batch < 1 or self.samples_per_cell <= 0:
+            raise ValueError("max_iters ≥ 0, min_batch ≥ 1 and samples_per_cell > 0 are required")
+
+    def init_state(self, assigner: Assigner) -> SolverState:
+        """Zero potential, zero Adam moments, the initial batch and step size."""
+        n = assigner.n
+        lr = self.lr
+        if lr is None:
+            lr = self.lr_scale * assigner.score_gap((PROBE_STREAM,), min(4096, 64 * n))
+        batch = max(self.min_batch, math.ceil(self.samples_per_cell * n))
+        zeros = np.zeros(n)
+        return SolverState(h=zeros, m=zeros.copy(), v=zeros.copy(), lr=lr, batch=batch,
+                           h_avg=zeros.copy())
+
+    def solve(
+        self,
+        assigner: Assigner,
+        nu: np.ndarray | None = None,
+        state: SolverState | None = None,
+        callback: Callable[[SolverState, dict], None] | None = None,
+    ) -> SDOTResult:
+        """Run from ``state`` (a fresh one if None) until a tolerance or ``max_iters``.
+
+        ``callback(state, record)`` runs after every iteration (checkpoints, progress).
+        """
+        nu = uniform_weights(assigner.n) if nu is None else np.asarray(nu, np.float64)
+        state = self.init_state(assigner) if state is None else state
+        while state.iteration < self.max_iters and not state.converged:
+            record = self.step(assigner, nu, state)
+            if callback is not None:
+                callback(state, record)
+        if not state.converged and (self.tol_grad is not None or self.tol_tv is not None):
+            warnings.warn(f"SDOT stopped at max_iters={self.max_iters} before reaching the "
+                          "tolerance", RuntimeWarning, stacklevel=2)
+        h = self.potential(state)
+        evaluation = self.evaluate(assigner, nu, h) if self.eval_samples else {}
+        return SDOTResult(h=h, h_last=state.h.copy(), converged=state.converged,
+                          iterations=state.iteration, samples=state.samples,
+                          metrics=list(state.metrics), evaluation=evaluation)
+
+    def step(self, assigner: Assigner, nu: np.ndarray, state: SolverState) -> dict:
+        """One iteration: assign a batch, Adam step, centre, average, schedule, stop test."""
+        t0 = time.perf_counter()
+        a = assigner.assign(state.h, (TRAIN_STREAM, state.iteration), state.batch)
+        mu = a.cell_mass()
+        grad = mu - nu
+        energy = a.u_sum / a.samples - float(nu @ state.h)
+        state.iteration += 1
+        state.samples += a.samples
+        self._adam(state, grad)
+        state.h -= state.h.mean()
+        self._average(state)
+        grad_l2 = float(np.linalg.norm(grad))
+        errors = cell_errors(mu, nu)
+        state.seconds += time.perf_counter() - t0
+        record = {"iter": state.iteration, "energy": energy, "grad_l2": grad_l2, **errors,
+                  "samples": state.samples, "seconds": state.seconds, "lr": state.lr,
+                  "batch": a.samples}
+        self._schedule(state, grad_l2)
+        no_empty = errors["empty_frac"] == 0
+        state.converged = no_empty and (
+            (self.tol_grad is not None and grad_l2 < self.tol_grad)
+            or (self.tol_tv is not None and errors["tv"] < self.tol_tv))
+        if state.iteration % self.log_every == 0 or state.iteration == 1 or state.converged \
+                or state.iteration == self.max_iters:
+            state.metrics.append(record)
+        return record
+
+    def _adam(self, state: SolverState, grad: np.ndarray) -> None:
+        """h ← h − lr · m̂ / (sqrt(v̂) + ε); without bias correction m̂ = m, v̂ = v (reference)."""
+        b1, b2 = self.betas
+        state.m = b1 * state.m + (1 - b1) * grad
+        state.v = b2 * state.v + (1 - b2) * grad * grad
+        m_hat, v_hat = state.m, state.v
+        if self.bias_correction:
+            t = state.iteration
+            m_hat, v_hat = m_hat / (1 - b1**t), v_hat / (1 - b2**t)
+        state.h = state.h - state.lr * m_hat / (np.sqrt(v_hat) + self.adam_eps)
+
+    def _average(self, state: SolverState) -> None:
+        """Update the iterate average (weights ∝ t^power since the last reset, or an EMA)."""
+        state.avg_count += 1
+        if self.averaging == "ema":
+            rate = max(1.0 - self.ema_decay, 1.0 / state.avg_count)
+        else:
+            rate = (self.tail_power + 1) / (state.avg_count + self.tail_power)
+        state.h_avg += min(rate, 1.0) * (state.h - state.h_avg)
+
+    def _schedule(self, state: SolverState, grad_l2: float) -> None:
+        """Grow the batch and decay the step when ‖ĝ‖₂ has stalled for ``patience`` iterations."""
+        if grad_l2 < state.best_grad:
+            state.best_grad, state.stall = grad_l2, 0
+            return
+        state.stall += 1
+        if state.stall < self.patience or state.growths >= self.max_growths:
+            return
+        state.growths += 1
+        state.batch = math.ceil(state.batch * self.growth)
+        state.lr *= self.lr_decay
+        state.stall, state.best_grad = 0, math.inf
+        if self.averaging == "tail":
+            state.avg_count = 0
+        log.info("iteration %d: ‖g‖ stalled; batch → %d, lr → %.3g", state.iteration,
+                 state.batch, state.lr)
+
+    def potential(self, state: SolverState) -> np.ndarray:
+        """The returned potential: the iterate average (or the last iterate), mean 0."""
+        h = state.h if self.averaging == "none" or state.avg_count == 0 else state.h_avg
+        return h - h.mean()
+
+    def evaluate(self, assigner: Assigner, nu: np.ndarray, h: np.ndarray) -> dict:
+        """Cell errors and energy of ``h`` on a fresh sample of ``eval_samples`` points."""
+        a = assigner.assign(h, (EVAL_STREAM,), self.eval_samples)
+        out = cell_errors(a.cell_mass(), nu)
+        out["energy"] = a.u_sum / a.samples - float(nu @ h)
+        out["samples"] = a.samples
+        out["tv_noise_floor"] = tv_noise_floor(assigner.n, a.samples)
+        return out
+
+
+def uniform_weights(n: int) -> np.ndarray:
+    """ν_i = 1/N."""
+    return np.full(n, 1.0 / n)
+
+
+def solver_from_dict(params: dict) -> SDOTSolver:
+    """Build a solver from a dict of its field names (unknown keys are an error)."""
+    names = {f.name for f in fields(SDOTSolver)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"unknown solver option(s): {', '.join(unknown)}")
+    if "betas" in params:
+        params = {**params, "betas": tuple(params["betas"])}
+    return SDOTSolver(**params)
+
+
+def solver_to_dict(solver: SDOTSolver) -> dict:
+    """The solver's hyper-parameters as a JSON-able dict (for manifests)."""
+    return asdict(solver)

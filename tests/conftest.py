@@ -1,0 +1,84 @@
+"""Shared fixtures: a seeded generator and a real (moto) S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never probe the instance metadata address
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
+S3_ENV_REMOVED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fixed-seed generator, so tests are reproducible."""
+    return np.random.default_rng(0)
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clear_s3fs_cache() -> None:
+    """Forget cached S3FileSystem instances (they keep the credentials they were built with)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real moto S3 server on 127.0.0.1 and the AWS variables pointing at it.
+
+    Sets AWS_ENDPOINT_URL, test credentials and region for the session (restored at the
+    end) and hides any user AWS config files; yields {"endpoint_url": ..., "region": ...}.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    no_config = str(Path(tmp_path_factory.mktemp("aws")) / "absent")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in S3_ENV_REMOVED:
+            mp.delenv(name, raising=False)
+        for name, value in S3_ENV.items():
+            mp.setenv(name, value)
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_CONFIG_FILE", no_config)
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", no_config)
+        clear_s3fs_cache()
+        try:
+            yield {"endpoint_url": endpoint, "region": S3_ENV["AWS_DEFAULT_REGION"]}
+        finally:
+            clear_s3fs_cache()
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: dict[str, str]) -> Iterator[str]:
+    """A fresh, uniquely named bucket on the moto server; yields ``s3://<bucket>``."""
+    import boto3
+
+    name = f"dpmot-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server["endpoint_url"]).create_bucket(Bucket=name)
+    clear_s3fs_cache()
+    yield f"s3://{name}"
+    clear_s3fs_cache()
