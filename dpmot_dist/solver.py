@@ -89,7 +89,9 @@ class LocalAssigner:
         self.n = index.n
 
     def _points(self, key: tuple[int, ...], b: int, size: int) -> torch.Tensor:
-        return self.source.sample(size, self.index.dim, self.seed, *key, b, device=self.index.device)
+        return self.source.sample(
+            size, self.index.dim, self.seed, *key, b, device=self.index.device
+        )
 
     def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
         """Cell counts and Σ u_h over ``samples`` points of the stream ``key``."""
@@ -135,7 +137,9 @@ class SolverState:
 
     def to_bytes(self) -> bytes:
         """Serialise as an ``.npz`` (arrays, plus the scalars and metrics as JSON)."""
-        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._ARRAYS}
+        scalars = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._ARRAYS
+        }
         buf = io.BytesIO()
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
         np.savez(buf, state=np.array(json.dumps(scalars)), **arrays)
@@ -236,8 +240,9 @@ class SDOTSolver:
             lr = self.lr_scale * assigner.score_gap((PROBE_STREAM,), min(4096, 64 * n))
         batch = max(self.min_batch, math.ceil(self.samples_per_cell * n))
         zeros = np.zeros(n)
-        return SolverState(h=zeros, m=zeros.copy(), v=zeros.copy(), lr=lr, batch=batch,
-                           h_avg=zeros.copy())
+        return SolverState(
+            h=zeros, m=zeros.copy(), v=zeros.copy(), lr=lr, batch=batch, h_avg=zeros.copy()
+        )
 
     def solve(
         self,
@@ -257,13 +262,22 @@ class SDOTSolver:
             if callback is not None:
                 callback(state, record)
         if not state.converged and (self.tol_grad is not None or self.tol_tv is not None):
-            warnings.warn(f"SDOT stopped at max_iters={self.max_iters} before reaching the "
-                          "tolerance", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"SDOT stopped at max_iters={self.max_iters} before reaching the tolerance",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         h = self.potential(state)
         evaluation = self.evaluate(assigner, nu, h) if self.eval_samples else {}
-        return SDOTResult(h=h, h_last=state.h.copy(), converged=state.converged,
-                          iterations=state.iteration, samples=state.samples,
-                          metrics=list(state.metrics), evaluation=evaluation)
+        return SDOTResult(
+            h=h,
+            h_last=state.h.copy(),
+            converged=state.converged,
+            iterations=state.iteration,
+            samples=state.samples,
+            metrics=list(state.metrics),
+            evaluation=evaluation,
+        )
 
     def step(self, assigner: Assigner, nu: np.ndarray, state: SolverState) -> dict:
         """One iteration: assign a batch, Adam step, centre, average, schedule, stop test."""
@@ -280,16 +294,28 @@ class SDOTSolver:
         grad_l2 = float(np.linalg.norm(grad))
         errors = cell_errors(mu, nu)
         state.seconds += time.perf_counter() - t0
-        record = {"iter": state.iteration, "energy": energy, "grad_l2": grad_l2, **errors,
-                  "samples": state.samples, "seconds": state.seconds, "lr": state.lr,
-                  "batch": a.samples}
+        record = {
+            "iter": state.iteration,
+            "energy": energy,
+            "grad_l2": grad_l2,
+            **errors,
+            "samples": state.samples,
+            "seconds": state.seconds,
+            "lr": state.lr,
+            "batch": a.samples,
+        }
         self._schedule(state, grad_l2)
         no_empty = errors["empty_frac"] == 0
         state.converged = no_empty and (
             (self.tol_grad is not None and grad_l2 < self.tol_grad)
-            or (self.tol_tv is not None and errors["tv"] < self.tol_tv))
-        if state.iteration % self.log_every == 0 or state.iteration == 1 or state.converged \
-                or state.iteration == self.max_iters:
+            or (self.tol_tv is not None and errors["tv"] < self.tol_tv)
+        )
+        if (
+            state.iteration % self.log_every == 0
+            or state.iteration == 1
+            or state.converged
+            or state.iteration == self.max_iters
+        ):
             state.metrics.append(record)
         return record
 
@@ -327,8 +353,12 @@ class SDOTSolver:
         state.stall, state.best_grad = 0, math.inf
         if self.averaging == "tail":
             state.avg_count = 0
-        log.info("iteration %d: ‖g‖ stalled; batch → %d, lr → %.3g", state.iteration,
-                 state.batch, state.lr)
+        log.info(
+            "iteration %d: ‖g‖ stalled; batch → %d, lr → %.3g",
+            state.iteration,
+            state.batch,
+            state.lr,
+        )
 
     def potential(self, state: SolverState) -> np.ndarray:
         """The returned potential: the iterate average (or the last iterate), mean 0."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without CUDA the Triton kernel runs in its interpreter; set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -82,3 +88,16 @@ def s3_bucket(s3_server: dict[str, str]) -> Iterator[str]:
     clear_s3fs_cache()
     yield f"s3://{name}"
     clear_s3fs_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process local Ray cluster (token auth on, 127.0.0.1) shared by a test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
+    yield ray
+    ray.shutdown()
