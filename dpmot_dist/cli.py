@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpmot", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for name, (module, help_text) in VERBS.items():
+    for name, (_module, help_text) in VERBS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

@@ -56,6 +56,7 @@ class Assignment:
     counts: np.ndarray
     u_sum: float
     samples: int
+    timings: dict = field(default_factory=dict)
 
     def cell_mass(self) -> np.ndarray:
         """μ̂_i = count_i / B."""
@@ -77,40 +78,80 @@ def batch_sizes(samples: int, chunk: int) -> list[int]:
     return [min(chunk, samples - s) for s in range(0, samples, chunk)]
 
 
-class LocalAssigner:
-    """In-process assigner over one :class:`TargetIndex`.
+def stream_points(
+    source: Source,
+    seed: int,
+    key: tuple[int, ...],
+    samples: int,
+    chunk: int,
+    dim: int,
+    device: torch.device | str = "cpu",
+):
+    """Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``."""
+    for b, size in enumerate(batch_sizes(samples, chunk)):
+        yield source.sample(size, dim, seed, *key, b, device=device)
 
-    Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``, so
-    any other assigner with the same seed, source and chunk sees the same points.
+
+def assignment_from_winners(
+    values: torch.Tensor, indices: torch.Tensor, n: int, chunk: int
+) -> Assignment:
+    """Counts and Σ u_h from each sample's winning score and cell (B,).
+
+    Σ u_h is summed per micro-batch of ``chunk`` rows in float64, in stream order, so every
+    assigner that finds the same winners returns bit-identical statistics.
     """
+    values, indices = torch.as_tensor(values), torch.as_tensor(indices)
+    counts = np.bincount(indices.cpu().numpy(), minlength=n).astype(np.int64)
+    u_sum = 0.0
+    for start in range(0, len(values), chunk):
+        u_sum += float(values[start : start + chunk].double().sum())
+    return Assignment(counts, u_sum, len(values))
 
-    def __init__(self, index: TargetIndex, source: Source, seed: int, chunk: int = 4096):
-        self.index, self.source, self.seed, self.chunk = index, source, seed, chunk
-        self.n = index.n
 
-    def _points(self, key: tuple[int, ...], b: int, size: int) -> torch.Tensor:
-        return self.source.sample(
-            size, self.index.dim, self.seed, *key, b, device=self.index.device
-        )
+class StreamAssigner:
+    """An assigner built on ``stream_topk``: the exact top-k of every point of a stream."""
+
+    n: int
+    chunk: int
+
+    def stream_topk(
+        self, h: np.ndarray, key: tuple[int, ...], samples: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
         """Cell counts and Σ u_h over ``samples`` points of the stream ``key``."""
-        h_t = torch.from_numpy(np.asarray(h, np.float64))
-        counts = np.zeros(self.n, np.int64)
-        u_sum = 0.0
-        for b, size in enumerate(batch_sizes(samples, self.chunk)):
-            values, indices = self.index.search(self._points(key, b, size), h_t, 1)
-            counts += np.bincount(indices[:, 0].cpu().numpy(), minlength=self.n)
-            u_sum += float(values[:, 0].sum())
-        return Assignment(counts, u_sum, samples)
+        t0 = time.perf_counter()
+        values, indices = self.stream_topk(h, key, samples, 1)
+        a = assignment_from_winners(values[:, 0], indices[:, 0], self.n, self.chunk)
+        a.timings = {"t_search": time.perf_counter() - t0, "t_transfer": 0.0, "t_reduce": 0.0}
+        return a
 
     def score_gap(self, key: tuple[int, ...], samples: int) -> float:
         """Median over samples of (best − second-best score) at h = 0."""
         if self.n < 2:
             return 1.0
-        x = self._points(key, 0, samples)
-        values, _ = self.index.search(x, torch.zeros(self.n, dtype=torch.float64), 2)
-        return float((values[:, 0] - values[:, 1]).median())
+        values, _ = self.stream_topk(np.zeros(self.n), key, samples, 2)
+        return float(torch.as_tensor(values[:, 0] - values[:, 1]).median())
+
+
+class LocalAssigner(StreamAssigner):
+    """In-process assigner over one :class:`TargetIndex`."""
+
+    def __init__(self, index: TargetIndex, source: Source, seed: int, chunk: int = 4096):
+        self.index, self.source, self.seed, self.chunk = index, source, seed, chunk
+        self.n = index.n
+
+    def stream_topk(self, h, key, samples, k):
+        """Exact top-k (values float64, indices) of every point of the stream, (B, k)."""
+        h_t = torch.from_numpy(np.asarray(h, np.float64))
+        parts = [
+            self.index.search(x, h_t, k)
+            for x in stream_points(
+                self.source, self.seed, key, samples, self.chunk, self.index.dim, self.index.device
+            )
+        ]
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
 @dataclass
@@ -303,6 +344,7 @@ class SDOTSolver:
             "seconds": state.seconds,
             "lr": state.lr,
             "batch": a.samples,
+            **a.timings,
         }
         self._schedule(state, grad_l2)
         no_empty = errors["empty_frac"] == 0

@@ -1,0 +1,282 @@
+"""The ``fit`` pipeline: targets → Brenier potential h, on one process or K Ray shard actors.
+
+Output folder (any fsspec URI): ``h.npy`` (N values, target order), ``metrics.jsonl``
+(one object per logged iteration), ``manifest.json``, ``checkpoints/latest.npz`` (the
+whole solver state, written atomically every ``checkpoint_every`` iterations), ``workers.json``
+(the shard actors' process ids) and ``_SUCCESS`` when done. ``--resume`` continues from the
+checkpoint; since the noise of iteration t is a function of (seed, t), an interrupted then
+resumed fit ends with the same h as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from dpmot_dist import __version__, storage
+from dpmot_dist.config import Config, add_model_flags, config_from_args
+from dpmot_dist.shards import ShardPool
+from dpmot_dist.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
+from dpmot_dist.sources import Source
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/latest.npz"
+
+
+class FitConfig(Config):
+    """Options of ``dpmot fit`` (config-file keys are the field names)."""
+
+    targets: str = Field(description="targets: a .npy (N×D) or a targets data set folder")
+    out: str = Field(description="output folder URI")
+    weights: str | None = Field(None, description=".npy of N non-negative target weights")
+    source: Literal["gaussian", "uniform"] = Field("gaussian", description="source measure μ")
+    qmc: bool = Field(False, description="scrambled Sobol source points")
+    seed: int = 0
+    iters: int = Field(1000, ge=0, description="iteration cap")
+    workers: int = Field(0, ge=0, description="Ray shard actors (0: in process)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    backend: str = Field("auto", description="search backend: auto, faiss, torch, triton")
+    storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto, cpu or cuda")
+    chunk: int = Field(4096, ge=1, description="source samples per search call")
+    resume: bool = Field(False, description="continue from the output's checkpoint")
+    overwrite: bool = Field(False, description="replace an existing output")
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0, description="Adam step (default: lr_scale × score gap)")
+    lr_scale: float = Field(0.1, gt=0)
+    samples_per_cell: float = Field(10.0, gt=0)
+    min_batch: int = Field(4096, ge=1)
+    patience: int = Field(50, ge=1)
+    growth: float = Field(2.0, ge=1)
+    lr_decay: float = Field(0.8, gt=0, le=1)
+    max_growths: int = Field(3, ge=0)
+    averaging: Literal["tail", "ema", "none"] = "tail"
+    bias_correction: bool = True
+    tol_grad: float | None = Field(None, gt=0)
+    tol_tv: float | None = Field(None, gt=0)
+    eval_samples: int | None = Field(None, ge=0, description="fresh evaluation sample size")
+
+    def solver(self, n: int) -> SDOTSolver:
+        """The solver these options describe, for N targets."""
+        eval_samples = self.eval_samples
+        if eval_samples is None:
+            eval_samples = int(min(max(64 * n, 1 << 16), 1 << 24))
+        return SDOTSolver(
+            lr=self.lr,
+            lr_scale=self.lr_scale,
+            samples_per_cell=self.samples_per_cell,
+            min_batch=self.min_batch,
+            max_iters=self.iters,
+            patience=self.patience,
+            growth=self.growth,
+            lr_decay=self.lr_decay,
+            max_growths=self.max_growths,
+            averaging=self.averaging,
+            bias_correction=self.bias_correction,
+            tol_grad=self.tol_grad,
+            tol_tv=self.tol_tv,
+            eval_samples=eval_samples,
+            log_every=self.log_every,
+        )
+
+
+def ensure_ray() -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one (token auth stays on)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+
+
+class Progress:
+    """A progress bar on a terminal, one log line every ``every`` iterations otherwise."""
+
+    def __init__(self, total: int, start: int, every: int) -> None:
+        self.every, self.bar = every, None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", desc="fit")
+
+    def update(self, r: dict) -> None:
+        rate = r["batch"] / max(r.get("t_iter", 0.0), 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                energy=f"{r['energy']:.5g}", tv=f"{r['tv']:.4f}", samples_s=f"{rate:.3g}"
+            )
+        elif r["iter"] % self.every == 0 or r["iter"] == 1:
+            log.info(
+                "iter %d  energy %.6g  tv %.4f  |g| %.3g  empty %.3f  batch %d  %.3g samples/s",
+                r["iter"],
+                r["energy"],
+                r["tv"],
+                r["grad_l2"],
+                r["empty_frac"],
+                r["batch"],
+                rate,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_metrics(out: str, metrics: list[dict]) -> None:
+    """``metrics.jsonl``: one JSON object per logged iteration (rewritten atomically)."""
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    storage.write_bytes_atomic(storage.join(out, "metrics.jsonl"), text.encode())
+
+
+def load_state(cfg: FitConfig) -> SolverState | None:
+    """The checkpointed solver state when resuming (None: start afresh)."""
+    ckpt = storage.join(cfg.out, CHECKPOINT)
+    if not (cfg.resume and storage.exists(ckpt)):
+        if cfg.resume:
+            log.warning("%s: no checkpoint; starting from h = 0", cfg.out)
+        return None
+    state = SolverState.from_bytes(storage.read_bytes(ckpt))
+    log.info("resuming from iteration %d (%s)", state.iteration, ckpt)
+    return state
+
+
+def run_fit(cfg: FitConfig) -> SDOTResult | None:
+    """Fit h for ``cfg`` and write the output folder; returns the solver's result.
+
+    Returns None when ``--resume`` finds the output already complete.
+    """
+    n, dim = storage.targets_shape(cfg.targets)
+    nu = storage.load_weights(cfg.weights, n) if cfg.weights else uniform_weights(n)
+    if cfg.resume and storage.is_success(cfg.out):
+        log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
+        return None
+    storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    state = load_state(cfg)
+    if cfg.workers:
+        ensure_ray()
+    source = Source(kind=cfg.source, qmc=cfg.qmc)
+    pool = ShardPool.create(
+        cfg.targets,
+        workers=cfg.workers,
+        backend=cfg.backend,
+        storage_dtype=cfg.storage_dtype,
+        device=cfg.device,
+        source=source,
+        seed=cfg.seed,
+        chunk=cfg.chunk,
+        cpus_per_worker=cfg.cpus_per_worker,
+    )
+    try:
+        storage.write_json_atomic(
+            storage.join(cfg.out, "workers.json"), {"pids": pool.pids(), "bounds": pool.bounds}
+        )
+        result = _solve(cfg, pool, nu, state, n)
+    finally:
+        pool.close()
+    _write_outputs(cfg, result, n, dim)
+    return result
+
+
+def _solve(
+    cfg: FitConfig, pool: ShardPool, nu: np.ndarray, state: SolverState | None, n: int
+) -> SDOTResult:
+    solver = cfg.solver(n)
+    progress = Progress(cfg.iters, state.iteration if state else 0, cfg.log_every)
+    last = [time.perf_counter()]
+
+    def on_iteration(s: SolverState, record: dict) -> None:
+        now = time.perf_counter()
+        record["t_iter"], last[0] = now - last[0], now
+        progress.update(record)
+        if s.iteration % cfg.checkpoint_every == 0:
+            checkpoint(cfg.out, s)
+
+    try:
+        result = solver.solve(pool, nu, state, on_iteration)
+    finally:
+        progress.close()
+    ev = result.evaluation
+    if ev:
+        log.info(
+            "fresh-sample evaluation (%d samples, noise floor %.4f): tv %.4f  max_rel_err "
+            "%.3f  empty %.4f",
+            ev["samples"],
+            ev["tv_noise_floor"],
+            ev["tv"],
+            ev["max_rel_err"],
+            ev["empty_frac"],
+        )
+    return result
+
+
+def checkpoint(out: str, state: SolverState) -> None:
+    """Write the solver state and the metrics so far, each atomically."""
+    storage.write_bytes_atomic(storage.join(out, CHECKPOINT), state.to_bytes())
+    write_metrics(out, state.metrics)
+
+
+def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int) -> None:
+    storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
+    write_metrics(cfg.out, result.metrics)
+    manifest = {
+        "kind": "potential",
+        "version": 1,
+        "dpmot_dist": __version__,
+        "n": n,
+        "dim": dim,
+        "targets": cfg.targets,
+        "weights": cfg.weights,
+        "source": cfg.source,
+        "qmc": cfg.qmc,
+        "seed": cfg.seed,
+        "iterations": result.iterations,
+        "samples": result.samples,
+        "converged": result.converged,
+        "evaluation": result.evaluation,
+        "config": cfg.model_dump(),
+    }
+    with_schedule = _targets_schedule(cfg.targets)
+    manifest.update(with_schedule)
+    storage.write_json_atomic(storage.join(cfg.out, "manifest.json"), manifest)
+    storage.mark_success(cfg.out)
+
+
+def _targets_schedule(targets: str) -> dict:
+    """The schedule and step of a targets data set (nothing for a plain .npy)."""
+    if targets.endswith(".npy"):
+        return {}
+    m = storage.read_targets_manifest(targets)
+    return {k: m[k] for k in ("schedule", "step", "data_shape") if k in m}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of options (flat, or under 'fit:')")
+    add_model_flags(parser, FitConfig)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(FitConfig, args, "fit")
+    result = run_fit(cfg)
+    if result is None:
+        print(f"{cfg.out}: already complete")
+        return 0
+    ev = result.evaluation
+    tv = f", fresh-sample TV {ev['tv']:.4f}" if ev else ""
+    print(
+        f"wrote {storage.join(cfg.out, 'h.npy')} after {result.iterations} iterations "
+        f"({result.samples:,} samples){tv}"
+    )
+    if math.isfinite(ev.get("tv", 0.0)) and not result.converged and (cfg.tol_grad or cfg.tol_tv):
+        log.warning("the tolerance was not reached within %d iterations", cfg.iters)
+    return 0

@@ -1,0 +1,279 @@
+"""Targets sharded over Ray actors: each holds rows [start, stop) on its own device.
+
+The driver owns h. Each iteration it puts h in the object store once; every actor
+regenerates the same noise stream from (seed, key, micro-batch), searches its own rows
+and returns only (best exact score, best global index) per sample. The driver merges the
+K answers: the highest score wins, and on equal scores the lowest shard (hence the lowest
+index), which is the single-process answer bit for bit (see :mod:`dpmot_dist.search`).
+
+Actors are stateless apart from their slice of targets: one that dies is restarted by
+Ray (``max_restarts``), reloads its shard in ``__init__`` and the pending call is retried
+(``max_task_retries``); since a call is a pure function of (h, key), the fit is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from dpmot_dist import storage
+from dpmot_dist.errors import DpmotError
+from dpmot_dist.search import TargetIndex, merge_topk
+from dpmot_dist.solver import (
+    Assignment,
+    LocalAssigner,
+    StreamAssigner,
+    assignment_from_winners,
+    batch_sizes,
+    stream_points,
+)
+from dpmot_dist.sources import Source
+
+log = logging.getLogger(__name__)
+
+
+def shard_bounds(n: int, workers: int) -> list[tuple[int, int]]:
+    """K contiguous row ranges covering [0, n), sizes differing by at most one."""
+    edges = np.linspace(0, n, workers + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class ShardWorker:
+    """One shard's search over a noise stream; run as a Ray actor or in process."""
+
+    def __init__(
+        self,
+        targets_uri: str,
+        start: int,
+        stop: int,
+        *,
+        backend: str = "auto",
+        storage_dtype: str = "float32",
+        device: str = "cpu",
+        source: dict | None = None,
+        seed: int = 0,
+        chunk: int = 4096,
+        threads: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+            _set_faiss_threads(threads)
+        self.start, self.stop = start, stop
+        y = storage.load_targets(targets_uri, start, stop)
+        self.index = TargetIndex(
+            y,
+            backend=backend,
+            storage_dtype=storage_dtype,
+            device=resolve_device(device),
+            offset=start,
+        )
+        self.local = LocalAssigner(self.index, Source(**(source or {})), seed, chunk)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stream_topk(
+        self, h: np.ndarray, key: tuple[int, ...], batches: tuple[int, int], samples: int, k: int
+    ):
+        """Exact top-k over this shard for micro-batches [b0, b1) of the stream ``key``.
+
+        Returns (values (B', k) float64, global indices (B', k) int64, seconds searching).
+        """
+        t0 = time.perf_counter()
+        h_local = torch.from_numpy(np.asarray(h[self.start : self.stop], np.float64))
+        loc = self.local
+        points = stream_points(
+            loc.source, loc.seed, key, samples, loc.chunk, self.index.dim, self.index.device
+        )
+        parts = [
+            self.index.search(x, h_local, k)
+            for b, x in enumerate(points)
+            if batches[0] <= b < batches[1]
+        ]
+        values = torch.cat([v for v, _ in parts]).cpu().numpy()
+        indices = torch.cat([i for _, i in parts]).cpu().numpy()
+        return values, indices, time.perf_counter() - t0
+
+    def search(self, x: np.ndarray, h: np.ndarray, k: int):
+        """Exact top-k of given points over this shard: (values, global indices)."""
+        h_local = torch.from_numpy(np.asarray(h[self.start : self.stop], np.float64))
+        v, i = self.index.search(torch.as_tensor(x), h_local, k)
+        return v.cpu().numpy(), i.cpu().numpy()
+
+
+def _set_faiss_threads(threads: int) -> None:
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The user-facing error inside a Ray task error (a DpmotError keeps its one line)."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, DpmotError) else e
+
+
+class ShardPool(StreamAssigner):
+    """K shard workers (Ray actors, or one in-process worker when ``workers == 0``).
+
+    Implements the solver's assigner interface (``assign``, ``score_gap``) with the
+    driver-side reduce, and ``search(x, h, k)`` for the sampler's map.
+    """
+
+    def __init__(
+        self, handles: list, bounds: list[tuple[int, int]], dim: int, chunk: int, waves: int = 4
+    ) -> None:
+        self.handles, self.bounds, self.dim, self.chunk = handles, bounds, dim, chunk
+        self.n = bounds[-1][1]
+        self.waves = waves
+        self.remote = not isinstance(handles[0], ShardWorker)
+
+    @classmethod
+    def create(
+        cls,
+        targets_uri: str,
+        *,
+        workers: int = 0,
+        backend: str = "auto",
+        storage_dtype: str = "float32",
+        device: str = "cpu",
+        source: Source | None = None,
+        seed: int = 0,
+        chunk: int = 4096,
+        cpus_per_worker: float = 1.0,
+        max_restarts: int = 3,
+    ) -> ShardPool:
+        """Start the workers, each loading only its own rows of ``targets_uri``."""
+        n, dim = storage.targets_shape(targets_uri)
+        kwargs = {
+            "backend": backend,
+            "storage_dtype": storage_dtype,
+            "device": device,
+            "source": asdict(source or Source()),
+            "seed": seed,
+            "chunk": chunk,
+        }
+        if workers == 0:
+            return cls([ShardWorker(targets_uri, 0, n, **kwargs)], [(0, n)], dim, chunk)
+        import ray
+
+        if workers > n:
+            raise DpmotError(f"{targets_uri}: {workers} workers for only {n} targets")
+        gpus = 1 if resolve_device(device) == "cuda" else 0
+        actor = ray.remote(ShardWorker).options(
+            num_cpus=cpus_per_worker,
+            num_gpus=gpus,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+        )
+        threads = max(1, int(cpus_per_worker))
+        bounds = shard_bounds(n, workers)
+        handles = [actor.remote(targets_uri, a, b, threads=threads, **kwargs) for a, b in bounds]
+        pool = cls(handles, bounds, dim, chunk)
+        try:
+            pool.pids()  # surfaces load errors (missing object, NaN, ...) now
+        except Exception as e:
+            pool.close()
+            raise _unwrap(e) from None
+        return pool
+
+    def pids(self) -> list[int]:
+        """Process ids of the workers (for monitoring, and for fault-injection tests)."""
+        if not self.remote:
+            return [os.getpid()]
+        import ray
+
+        return ray.get([w.pid.remote() for w in self.handles])
+
+    def stream_topk(self, h, key, samples, k):
+        values, indices, _ = self._stream(h, key, samples, k)
+        return torch.from_numpy(values), torch.from_numpy(indices)
+
+    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
+        """Driver-side reduce of the K shards' winners; timings split search/transfer/reduce."""
+        t0 = time.perf_counter()
+        values, indices, t = self._stream(h, key, samples, 1)
+        t1 = time.perf_counter()
+        a = assignment_from_winners(
+            torch.from_numpy(values[:, 0]), torch.from_numpy(indices[:, 0]), self.n, self.chunk
+        )
+        t_reduce = t["reduce"] + time.perf_counter() - t1
+        a.timings = {
+            "t_search": t["search"],
+            "t_reduce": t_reduce,
+            "t_transfer": max(0.0, t1 - t0 - t["search"] - t["reduce"]),
+            "bytes_moved": t["bytes"],
+        }
+        return a
+
+    def _stream(self, h, key, samples, k):
+        """Submit every wave of micro-batches, then merge each wave as it arrives."""
+        nb = len(batch_sizes(samples, self.chunk))
+        edges = np.linspace(0, nb, min(self.waves, nb) + 1).round().astype(int)
+        waves = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        if not self.remote:
+            v, i, s = self.handles[0].stream_topk(h, key, (0, nb), samples, k)
+            return v, i, {"search": s, "reduce": 0.0, "bytes": 0}
+        import ray
+
+        h_ref = ray.put(np.asarray(h, np.float64))
+        futures = [
+            [w.stream_topk.remote(h_ref, key, wave, samples, k) for w in self.handles]
+            for wave in waves
+        ]
+        out_v, out_i, search, reduce, nbytes = [], [], [0.0] * len(self.handles), 0.0, 0
+        for wave in futures:
+            try:
+                parts = ray.get(wave)
+            except Exception as e:
+                raise _unwrap(e) from None
+            t0 = time.perf_counter()
+            for j, (_, _, s) in enumerate(parts):
+                search[j] += s
+            v, i = merge_topk([(p[0], p[1]) for p in parts], k)
+            out_v.append(v.numpy())
+            out_i.append(i.numpy())
+            nbytes += sum(p[0].nbytes + p[1].nbytes for p in parts)
+            reduce += time.perf_counter() - t0
+        nbytes += len(self.handles) * np.asarray(h).nbytes
+        timing = {"search": max(search), "reduce": reduce, "bytes": nbytes}
+        return np.concatenate(out_v), np.concatenate(out_i), timing
+
+    def search(self, x, h: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Exact merged top-k of the points x (B, D) over all shards (values, indices)."""
+        x = np.ascontiguousarray(torch.as_tensor(x, dtype=torch.float32).cpu().numpy())
+        if not self.remote:
+            return self.handles[0].search(x, h, k)
+        import ray
+
+        refs = ray.put(x), ray.put(np.asarray(h, np.float64))
+        try:
+            parts = ray.get([w.search.remote(refs[0], refs[1], k) for w in self.handles])
+        except Exception as e:
+            raise _unwrap(e) from None
+        v, i = merge_topk(parts, k)
+        return v.numpy(), i.numpy()
+
+    def close(self) -> None:
+        """Stop the actors this pool started."""
+        if self.remote:
+            import ray
+
+            for w in self.handles:
+                ray.kill(w)
+        self.handles = []
