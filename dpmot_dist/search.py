@@ -123,6 +123,7 @@ class TargetIndex:
         self.offset = offset
         self.margin = margin if margin is not None else (3 if self.dtype == torch.float32 else 12)
         self._augmented: np.ndarray | None = None
+        self._y_norm: float | None = None
         self._gpu_res = None
 
     def search(self, x: torch.Tensor, h: torch.Tensor | np.ndarray, k: int = 1):
@@ -137,17 +138,20 @@ class TargetIndex:
         x, h = self._check(x, h, k)
         k = min(k, self.n)
         c = min(self.n, k + self.margin)
-        cand = self.candidates(x, h, c)
-        return self._rescore(x, h, cand, k)
+        scores, cand = self.candidates(x, h, c)
+        return self._rescore(x, h, scores, cand, k)
 
-    def candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
-        """(B, c) local indices of the c best rows under the backend's own arithmetic."""
+    def candidates(self, x: torch.Tensor, h: torch.Tensor, c: int):
+        """The c best rows under the backend's own arithmetic.
+
+        Returns (scores (B, c) float32 or None, local indices (B, c) int64), best first.
+        """
         if self.backend == "faiss":
             return self._faiss_candidates(x, h, c)
         if self.backend == "triton":
             from dpmot_dist.kernels.triton_search import fused_candidates
 
-            return fused_candidates(x, self.y_low, h.float(), c)
+            return None, fused_candidates(x, self.y_low, h.float(), c)
         return self._torch_candidates(x, h, c)
 
     def _check(self, x, h, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +184,7 @@ class TargetIndex:
                 v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_v, best_i = v, i
-        return best_i
+        return best_v, best_i
 
     def _faiss_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
         """``faiss.knn`` inner-product search over [x, 1] and [y_i, h_i]."""
@@ -195,8 +199,8 @@ class TargetIndex:
         xa = np.empty((x.shape[0], self.dim + 1), np.float32)
         xa[:, :-1] = x.numpy()
         xa[:, -1] = 1.0
-        _, idx = faiss.knn(xa, self._augmented, c, metric=faiss.METRIC_INNER_PRODUCT)
-        return torch.from_numpy(idx)
+        scores, idx = faiss.knn(xa, self._augmented, c, metric=faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(scores), torch.from_numpy(idx)
 
     def _faiss_gpu_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
         import faiss
@@ -206,18 +210,51 @@ class TargetIndex:
             self._gpu_res = faiss.StandardGpuResources()
         ya = torch.cat([self.y, h.to(torch.float32)[:, None]], 1)
         xa = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        _, idx = faiss.knn_gpu(self._gpu_res, xa, ya, c, metric=faiss.METRIC_INNER_PRODUCT)
-        return idx.long()
+        scores, idx = faiss.knn_gpu(self._gpu_res, xa, ya, c, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, idx.long()
 
-    def _rescore(self, x: torch.Tensor, h: torch.Tensor, cand: torch.Tensor, k: int):
-        """Exact float64 scores of the candidates; top-k with ties to the lowest index."""
+    def error_bound(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(B,) bound δ on |s̃_i − s_i| of the candidate pass's scores, any i.
+
+        Rounding x and y to the storage dtype (unit roundoff u_s, 0 for fp32) and an fp32
+        dot product of length D + 1 in any order (γ ≈ (D + 2)·2⁻²⁴, Higham 2002, §3.1) give
+        |s̃ − s| ≤ (2u_s + u_s² + γ)·‖x‖₂·max‖y_i‖₂ + γ·max|h_i|; doubled as a margin.
+        """
+        if self._y_norm is None:
+            self._y_norm = float(self.y.norm(dim=1).max())
+        u_s = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[self.dtype]
+        gamma = (self.dim + 2) * 2.0**-24
+        hmax = float(h.abs().max())
+        return 2 * (
+            (2 * u_s + u_s * u_s + gamma) * x.norm(dim=1).double() * self._y_norm + gamma * hmax
+        )
+
+    def _rescore(self, x, h, scores, cand, k: int):
+        """Exact float64 scores; top-k with ties to the lowest index.
+
+        Rows whose candidate-pass gap between the k-th and (k+1)-th score exceeds twice
+        :meth:`error_bound` already have the exact top-k set: only those k are re-scored.
+        The others (near-ties) re-score all c candidates.
+        """
         cand = cand.to(self.device).long()
-        values = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
+        if scores is not None and cand.shape[1] > k:
+            scores = scores.to(self.device).double()
+            sure = (scores[:, k - 1] - scores[:, k]) > 2 * self.error_bound(x, h)
+        else:
+            sure = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
+        values = torch.full(cand.shape, -torch.inf, dtype=torch.float64, device=self.device)
+        values[sure, :k] = self._exact(x[sure], h, cand[sure, :k])
+        values[~sure] = self._exact(x[~sure], h, cand[~sure])
+        return topk_lowest_index(values, cand + self.offset, k)
+
+    def _exact(self, x: torch.Tensor, h: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """⟨x_b, y_c⟩ + h_c in float64 for candidates cand (B, c), row by row."""
+        out = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
         for r in range(0, x.shape[0], _RESCORE_ROWS):
             rows = slice(r, r + _RESCORE_ROWS)
             yc = self.y[cand[rows]].double()
-            values[rows] = (x[rows, None, :].double() * yc).sum(-1) + h[cand[rows]]
-        return topk_lowest_index(values, cand + self.offset, k)
+            out[rows] = (x[rows, None, :].double() * yc).sum(-1) + h[cand[rows]]
+        return out
 
 
 def topk_lowest_index(values: torch.Tensor, indices: torch.Tensor, k: int):

@@ -1,0 +1,113 @@
+"""``dpmot bench search``: every search backend's rate ÷ the best plain fp32 matmul.
+
+All rates are GFLOP/s of the 2·B·N·D flops of the score matrix, measured in one run on the
+same shapes (best of ``--repeat`` after a warm-up). The baseline ``reference`` is the
+reference code's search (targets in chunks of 1,000, a running max by ``torch.stack``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import torch
+
+from dpmot_dist.search import BACKENDS, TargetIndex, default_backend, resolve_backend
+
+
+def best_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
+    """Best wall time of ``repeat`` calls after one warm-up."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def reference_search(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, chunk: int = 1000):
+    """The reference code's search: per chunk of 1,000 targets a max, then a stacked max."""
+    best_v = best_i = None
+    for start in range(0, y.shape[0], chunk):
+        v, i = (x @ y[start : start + chunk].T + h[start : start + chunk]).max(1)
+        i = i + start
+        if best_v is None:
+            best_v, best_i = v, i
+            continue
+        vs, is_ = torch.stack([best_v, v]), torch.stack([best_i, i])
+        best_v, which = vs.max(0)
+        best_i = is_.gather(0, which[None])[0]
+    return best_v, best_i
+
+
+def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -> dict:
+    """Measure matmul, every available backend and the reference search; return the report."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen).to(device)
+    y = torch.randn(n, dim, generator=gen).to(device)
+    h = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    flops = 2.0 * batch * n * dim
+    rate = lambda t: flops / t / 1e9  # noqa: E731
+    matmul = {"torch": rate(best_time(lambda: x @ y.T, repeat, sync))}
+    if device == "cpu":
+        xn, yn = x.numpy(), y.numpy()
+        matmul["numpy"] = rate(best_time(lambda: xn @ yn.T, repeat, sync))
+    report: dict = {
+        "n": n,
+        "dim": dim,
+        "batch": batch,
+        "device": device,
+        "matmul_gflops": max(matmul.values()),
+        "matmul": matmul,
+        "default": default_backend(device),
+        "backends": {},
+    }
+    if device == "cuda":
+        xb, yb = x.bfloat16(), y.bfloat16()
+        report["bf16_matmul_gflops"] = rate(best_time(lambda: xb @ yb.T, repeat, sync))
+    truth = reference_search(x[:512].double(), y.double(), h)[1].cpu()
+    for name in BACKENDS:
+        try:
+            index = TargetIndex(y, backend=resolve_backend(name, device), device=device)
+        except ValueError:
+            continue
+        g = rate(best_time(lambda index=index: index.search(x, h, 1), repeat, sync))
+        winners = index.search(x[:512], h, 1)[1][:, 0].cpu()
+        report["backends"][name] = {
+            "gflops": g,
+            "ratio": g / report["matmul_gflops"],
+            "disagree": float((winners != truth).float().mean()),
+        }
+    h32 = h.float()
+    g = rate(best_time(lambda: reference_search(x, y, h32), repeat, sync))
+    report["backends"]["reference"] = {"gflops": g, "ratio": g / report["matmul_gflops"]}
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=20000, help="targets N")
+    parser.add_argument("--dim", type=int, default=1024, help="dimension D")
+    parser.add_argument("--batch", type=int, default=4096, help="queries B")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    report = run(args.n, args.dim, args.batch, args.device, args.repeat)
+    print(
+        f"N={args.n} D={args.dim} B={args.batch} on {args.device}: plain fp32 matmul "
+        f"{report['matmul_gflops']:.1f} GFLOP/s {report['matmul']}"
+    )
+    for name, r in report["backends"].items():
+        mark = " (default)" if name == report["default"] else ""
+        print(f"  {name:10s} {r['gflops']:8.1f} GFLOP/s  ratio {r['ratio']:.3f}{mark}")
+    if args.json:
+        print(json.dumps(report))
+    return 0
