@@ -57,10 +57,10 @@ class FitConfig(Config):
     lr_scale: float = Field(0.1, gt=0)
     samples_per_cell: float = Field(10.0, gt=0)
     min_batch: int = Field(4096, ge=1)
-    patience: int = Field(50, ge=1)
+    patience: int = Field(25, ge=1)
     growth: float = Field(2.0, ge=1)
-    lr_decay: float = Field(0.8, gt=0, le=1)
-    max_growths: int = Field(3, ge=0)
+    lr_decay: float = Field(0.5, gt=0, le=1)
+    max_growths: int = Field(6, ge=0)
     averaging: Literal["tail", "ema", "none"] = "tail"
     bias_correction: bool = True
     tol_grad: float | None = Field(None, gt=0)
@@ -96,7 +96,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
 
 
 class Progress:

@@ -28,6 +28,7 @@ Every error is a one-line :class:`DpmotError` naming the object (file, or file a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -41,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from dpmot_dist import images, storage
 from dpmot_dist.errors import DpmotError
@@ -94,6 +96,10 @@ class Source:
         """The block's rows, ``(rows, *row_shape)`` in ``dtype``."""
         raise NotImplementedError
 
+    def worker_view(self) -> Source:
+        """A copy without what only :meth:`blocks` needs (file lists), to ship to workers."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the input."""
         return {
@@ -131,11 +137,7 @@ def _check_numeric(uri: str, dtype: np.dtype) -> None:
 
 def _uri_of(fs: Any, path: str) -> str:
     """The URI of a protocol-less path on ``fs`` (as users wrote it: no file:// for local)."""
-    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
-
-
-def _protocols(fs: Any) -> tuple[str, ...]:
-    return tuple(fs.protocol) if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
 def _is_hidden(path: str) -> bool:
@@ -371,6 +373,12 @@ class ParquetSource(Source):
     def encoded(self) -> bool:
         return self.column_kind in ("image", "image_struct")
 
+    def worker_view(self) -> ParquetSource:
+        return dataclasses.replace(self, files=())
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "column": self.column, "files": len(self.files)}
+
     @classmethod
     def open(
         cls,
@@ -396,7 +404,9 @@ class ParquetSource(Source):
         src = cls(uri, n, (), "", files=tuple(parts), column=name, column_kind=kind)
         first = next(p for p in parts if p.rows)
         probe = src._read_table(Block(0, 1, first.uri, 0, (0,)), first_row_only=True)
-        row_shape, dtype, mode = src._probe(probe, schema.field(name).type, image_size, shape_hint)
+        row_shape, dtype, mode = src._probe(
+            first.uri, probe, schema.field(name).type, image_size, shape_hint
+        )
         _check_rows(uri, n, row_shape)
         return cls(
             uri,
@@ -412,6 +422,7 @@ class ParquetSource(Source):
 
     def _probe(
         self,
+        obj: str,
         table: pa.Table,
         t: pa.DataType,
         image_size: int | None,
@@ -420,15 +431,13 @@ class ParquetSource(Source):
         """(row shape, dtype, image mode) from the column type and the first row."""
         col = table.column(self.column).combine_chunks()
         if self.encoded:
-            data = _image_bytes(col)[0]
-            obj = f"{self.files[0].uri} (row 0)"
-            img = images.decode_image(data, obj, size=image_size)
+            img = images.decode_image(_image_bytes(col)[0], f"{obj} (row 0)", size=image_size)
             mode = "L" if img.shape[2] == 1 else "RGB"
             return img.shape, "uint8", mode
         if self.column_kind == "array":
             shape, leaf = _fixed_shape(t)
         else:
-            values = _flat_values(self.files[0].uri, col, self.column_kind, None)
+            values = _flat_values(obj, col, self.column_kind, None)
             shape, leaf = (len(values),), _leaf_type(t)
         if shape_hint and len(shape) == 1 and math.prod(shape_hint) == shape[0]:
             shape = tuple(int(s) for s in shape_hint)
@@ -462,18 +471,11 @@ class ParquetSource(Source):
         return values.reshape(block.rows, *self.row_shape)
 
     def _read_table(self, block: Block, first_row_only: bool = False) -> pa.Table:
-        fs, path = storage.url_to_fs(block.obj)
-        with storage.storage_errors(block.obj), fs.open(path, "rb") as f:
-            try:
-                pf = pq.ParquetFile(f)
-                if first_row_only:
-                    batch = next(pf.iter_batches(batch_size=1, columns=[self.column]))
-                    return pa.Table.from_batches([batch])
-                return pf.read_row_groups(list(block.items), columns=[self.column])
-            except (pa.ArrowException, OSError) as e:
-                if isinstance(e, FileNotFoundError | PermissionError):
-                    raise
-                raise _corrupt(block.obj, "Parquet", e) from e
+        with _parquet_file(block.obj) as pf:
+            if first_row_only:
+                batch = next(pf.iter_batches(batch_size=1, columns=[self.column]))
+                return pa.Table.from_batches([batch])
+            return pf.read_row_groups(list(block.items), columns=[self.column])
 
     def _decode(self, block: Block, data: list[bytes | None]) -> np.ndarray:
         out = np.empty((block.rows, *self.row_shape), dtype=np.uint8)
@@ -487,15 +489,27 @@ class ParquetSource(Source):
         return out
 
 
-def _parquet_metadata(uri: str) -> pq.FileMetaData:
+@contextlib.contextmanager
+def _parquet_file(uri: str) -> Iterator[pq.ParquetFile]:
+    """An open Parquet file; parse failures → 'corrupt or truncated', I/O → storage errors.
+
+    pyarrow raises plain OSError for corrupt pages too, so the file object records its own
+    exceptions (storage's watched file) to tell the two apart.
+    """
     fs, path = storage.url_to_fs(uri)
-    with storage.storage_errors(uri), fs.open(path, "rb") as f:
+    with storage.storage_errors(uri), fs.open(path, "rb") as raw:
+        f = storage._WatchedFile(raw)
         try:
-            return pq.ParquetFile(f).metadata
+            yield pq.ParquetFile(f)
         except (pa.ArrowException, OSError) as e:
-            if isinstance(e, FileNotFoundError | PermissionError):
-                raise
+            if e is f.error:
+                raise  # a storage failure: storage_errors translates it
             raise _corrupt(uri, "Parquet", e) from e
+
+
+def _parquet_metadata(uri: str) -> pq.FileMetaData:
+    with _parquet_file(uri) as pf:
+        return pf.metadata
 
 
 def _check_same_column(uri: str, schema: pa.Schema, name: str, first: pa.Field) -> None:
@@ -590,6 +604,9 @@ class ImageFolderSource(Source):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "first_file": self.files[0], "last_file": self.files[-1]}
+
+    def worker_view(self) -> ImageFolderSource:
+        return dataclasses.replace(self, files=())
 
     def blocks(self, rows: int) -> list[Block]:
         return [

@@ -255,10 +255,10 @@ class SDOTSolver:
     samples_per_cell: float = 10.0
     min_batch: int = 4096
     max_iters: int = 1000
-    patience: int = 50
+    patience: int = 25
     growth: float = 2.0
-    lr_decay: float = 0.8
-    max_growths: int = 3
+    lr_decay: float = 0.5
+    max_growths: int = 6
     averaging: Literal["tail", "ema", "none"] = "tail"
     tail_power: float = 3.0
     ema_decay: float = 0.99
