@@ -97,7 +97,11 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
         )
     yield ray
     ray.shutdown()

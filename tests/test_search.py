@@ -20,8 +20,11 @@ def brute_force(x, y, h, k):
 
 def problem(b, n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, d, generator=g), torch.randn(n, d, generator=g), torch.randn(
-        n, generator=g, dtype=torch.float64)
+    return (
+        torch.randn(b, d, generator=g),
+        torch.randn(n, d, generator=g),
+        torch.randn(n, generator=g, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -86,8 +89,12 @@ def test_numpy_inputs_accepted():
 
 @pytest.mark.parametrize(
     ("x_shape", "y_shape", "h_len", "msg"),
-    [((4, 3), (5, 2), 5, "queries must be"), ((4, 3), (5, 3), 4, "offsets h"),
-     ((4, 3), (0, 3), 0, "non-empty"), ((4,), (5, 4), 5, "queries must be")],
+    [
+        ((4, 3), (5, 2), 5, "queries must be"),
+        ((4, 3), (5, 3), 4, "offsets h"),
+        ((4, 3), (0, 3), 0, "non-empty"),
+        ((4,), (5, 4), 5, "queries must be"),
+    ],
 )
 def test_bad_shapes(x_shape, y_shape, h_len, msg):
     with pytest.raises(ValueError, match=msg):

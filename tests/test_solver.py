@@ -15,8 +15,9 @@ FAST = {"max_iters": 300, "patience": 20}
 
 
 def assigner(y, kind="gaussian", seed=0, chunk=65536, qmc=False):
-    return LocalAssigner(TargetIndex(np.asarray(y, np.float32)), Source(kind=kind, qmc=qmc),
-                         seed=seed, chunk=chunk)
+    return LocalAssigner(
+        TargetIndex(np.asarray(y, np.float32)), Source(kind=kind, qmc=qmc), seed=seed, chunk=chunk
+    )
 
 
 @pytest.mark.parametrize("seed", [1, 3])
@@ -93,8 +94,9 @@ def test_qmc_source_is_more_accurate_than_mc():
     for qmc in (False, True):
         a = assigner(y, qmc=qmc, chunk=4096)
         mu_ref = a.assign(h, (EVAL_STREAM, 99), 1 << 20).cell_mass()
-        errs = [np.abs(a.assign(h, (EVAL_STREAM, r), 4096).cell_mass() - mu_ref).sum()
-                for r in range(8)]
+        errs = [
+            np.abs(a.assign(h, (EVAL_STREAM, r), 4096).cell_mass() - mu_ref).sum() for r in range(8)
+        ]
         tvs[qmc] = np.mean(errs)
     assert tvs[True] < tvs[False]
 
