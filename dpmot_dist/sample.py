@@ -443,12 +443,10 @@ def run_ray(
     if not tasks:
         return []
     gpus = 1 if job.device.startswith("cuda") or (job.device == "auto" and _cluster_gpus()) else 0
-    actor_cls = ray.remote(ChunkWriter).options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1
-    )
+    options = {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 1, "max_task_retries": 1}
     job = replace(job, threads=max(1, int(cpus)))
     names = [f"dpmot-sample-{uuid.uuid4().hex[:8]}-{i}" for i in range(min(workers, len(tasks)))]
-    actors = [actor_cls.options(name=name).remote(job) for name in names]
+    actors = [ray.remote(ChunkWriter).options(name=name, **options).remote(job) for name in names]
     try:
         pids = ray.get([a.pid.remote() for a in actors])
     except Exception as e:

@@ -271,8 +271,8 @@ def topk_lowest_index(values: torch.Tensor, indices: torch.Tensor, k: int):
 
 def merge_topk(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int):
     """Merge per-shard exact top-k answers into the global top-k (ties: lowest index)."""
-    values = torch.cat([torch.as_tensor(v) for v, _ in parts], 1)
-    indices = torch.cat([torch.as_tensor(i) for _, i in parts], 1)
+    values = torch.cat([_tensor(v) for v, _ in parts], 1)
+    indices = torch.cat([_tensor(i) for _, i in parts], 1)
     return topk_lowest_index(values, indices, min(k, values.shape[1]))
 
 
@@ -292,3 +292,10 @@ def search(
     """
     index = TargetIndex(y, backend=backend, storage_dtype=storage_dtype, device=device)
     return index.search(x, h, k)
+
+
+def _tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor view of ``a`` (numpy arrays from Ray's object store are read-only: copied)."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
+    return a

@@ -91,8 +91,11 @@ def s3_bucket(s3_server: dict[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One in-process local Ray cluster (token auth on, 127.0.0.1) shared by a test session."""
+def ray_local(s3_server):
+    """One in-process local Ray cluster (token auth on, 127.0.0.1) shared by a test session.
+
+    It starts after the S3 fixture, so that its workers inherit the AWS variables.
+    """
     import ray
 
     if not ray.is_initialized():
