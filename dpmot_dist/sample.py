@@ -333,7 +333,7 @@ class ChunkWriter:
                 z = prior_points(Source(), job.seed, ids, math.prod(job.data_shape))
                 x = z.reshape(len(ids), *job.data_shape) * prior_scale(self.schedule)
             else:
-                x = torch.from_numpy(np.asarray(x_start[a : a + job.batch]))
+                x = torch.from_numpy(np.array(x_start[a : a + job.batch], np.float32))
                 x = x.reshape(len(ids), *job.data_shape)
             noise = RowNoise(job.seed, ids, job.data_shape, STREAM_SAMPLER, self.device)
             x, nfe = refine(

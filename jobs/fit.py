@@ -57,5 +57,6 @@ if __name__ == "__main__":
     import ray
 
     arguments = parse_args()
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    # "local" rather than None: never attach to whichever cluster this machine ran last.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     sys.exit(main(arguments))

@@ -141,7 +141,7 @@ def test_sharded_map_equals_single_process(tmp_path, rng, ray_local):
     h = rng.normal(scale=0.3, size=90)
     kw = {"seed": 1, "mode": "interp", "k": 5, "angle": 30.0, "targets_uri": uri}
     single = ShardPool.create(uri, workers=0, backend="torch")
-    sharded = ShardPool.create(uri, workers=3, backend="torch")
+    sharded = ShardPool.create(uri, workers=2, backend="torch")
     try:
         a, _ = plan_map(single, h, np.arange(400), **kw)
         b, _ = plan_map(sharded, h, np.arange(400), **kw)

@@ -136,18 +136,35 @@ def test_interp_map_and_its_plan(tmp_path):
     assert ((weight > 0) == (partner >= 0)).all() and (weight <= 0.5).all()
 
 
-def _reference(problem: dict, root: Path, **kw):
-    out = root / "reference"
-    run_sample(config(problem, str(out), **kw))
-    return read_samples(str(out))[1]
-
-
 SLOW = {"num": 32, "chunk": 4, "sampler": "ddpm", "nfe": None}  # 1000 steps: ~0.4 s a chunk
+BASELINE = {"from_noise": True, "potential": None}  # no map: no shard actors to start
 
 
-def test_ray_workers_survive_a_killed_process(tmp_path, ray_local):
-    problem = make_problem(tmp_path, n=30, step=999)
-    reference = _reference(problem, tmp_path, **SLOW)
+@pytest.fixture(scope="module")
+def slow_problem(tmp_path_factory):
+    """A problem whose chunks take long enough to kill workers mid-run, and ``reference(**kw)``:
+    its in-process output, which every distributed run must reproduce exactly."""
+    root = tmp_path_factory.mktemp("slow")
+    problem = make_problem(root, n=30, step=999)
+    cache: dict = {}
+
+    def reference(**kw):
+        key = tuple(sorted(kw))
+        if key not in cache:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            out = str(root / f"reference-{len(cache)}")
+            run_sample(config({**problem, **kw}, out, **SLOW))
+            torch.set_num_threads(threads)
+            cache[key] = read_samples(out)[1]
+        return cache[key]
+
+    return problem, reference
+
+
+@pytest.mark.slow
+def test_ray_workers_survive_a_killed_process(tmp_path, slow_problem, ray_local):
+    problem, reference = slow_problem
     out = tmp_path / "samples"
     result: dict = {}
     run = threading.Thread(
@@ -159,12 +176,12 @@ def test_ray_workers_survive_a_killed_process(tmp_path, ray_local):
     run.join(timeout=120)
     assert result["written"] == 32 and not result["complete"]
     _, table = read_samples(str(out))
-    assert table.equals(reference)
+    assert table.equals(reference())
 
 
-def test_ray_run_killed_then_rerun_yields_each_sample_once(tmp_path, ray_local):
-    problem = make_problem(tmp_path, n=30, step=999)
-    reference = _reference(problem, tmp_path, **SLOW)
+def test_ray_run_killed_then_rerun_yields_each_sample_once(tmp_path, slow_problem, ray_local):
+    problem, reference = slow_problem
+    problem = {**problem, **BASELINE}
     out = tmp_path / "samples"
     errors: list[BaseException] = []
 
@@ -188,7 +205,7 @@ def test_ray_run_killed_then_rerun_yields_each_sample_once(tmp_path, ray_local):
     _, table = read_samples(str(out))
     ids = table.column("sample_id").to_numpy()
     assert len(ids) == 32 and len(np.unique(ids)) == 32
-    assert table.equals(reference)
+    assert table.equals(reference(**BASELINE))
 
 
 def _wait_for_chunks(out: Path, run: threading.Thread) -> None:

@@ -38,6 +38,8 @@ import torch
 
 from dpmot_dist.benchmarks.search import best_time
 from dpmot_dist.fit import FitConfig, run_fit
+from dpmot_dist.search import merge_topk
+from dpmot_dist.solver import assignment_from_winners
 from dpmot_dist.sources import Source
 
 SPLIT = ("t_search", "t_transfer", "t_reduce")
@@ -121,6 +123,24 @@ def noise_seconds(batch: int, dim: int, chunk: int, threads: int) -> float:
         torch.set_num_threads(before)
 
 
+def driver_reduce_rate(workers: int = 8, samples: int = 1 << 20, n: int = 1 << 20) -> float:
+    """(sample, worker) pairs per second through the driver's reduce (merge, then counts).
+
+    The same calls as :meth:`dpmot_dist.shards.ShardPool.assign` on K shards' (value, index)
+    answers, at a size where per-call overheads no longer matter.
+    """
+    rng = np.random.default_rng(0)
+    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
+    parts = [
+        (rng.standard_normal((samples, 1)), rng.integers(a, b, (samples, 1)))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    t0 = time.perf_counter()
+    values, indices = merge_topk(parts, 1)
+    assignment_from_winners(values[:, 0], indices[:, 0], n, 4096)
+    return workers * samples / (time.perf_counter() - t0)
+
+
 def run_workers(
     targets: Path, workers: int, *, iters: int, warmup: int, cpus: float, args, out: Path
 ) -> dict:
@@ -164,11 +184,32 @@ def run_workers(
     }
 
 
+def start_ray(cpus: float) -> None:
+    """Join RAY_ADDRESS, else start a private local cluster of ``cpus`` CPUs.
+
+    ``address="local"``: with None, ``ray.init`` would join the cluster this machine started
+    last (``/tmp/ray/ray_current_cluster``), whoever's it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(
+            address="local", num_cpus=math.ceil(cpus), include_dashboard=False, log_to_driver=False
+        )
+
+
 def run(args: argparse.Namespace) -> dict:
     """Measure every K, then fit the cost model's per-sample costs and predict."""
     ks = [int(k) for k in args.workers.split(",")]
     cpus = args.cpus or float(os.cpu_count() or 1)
     report: dict = {"n": args.n, "dim": args.dim, "cpus": cpus, "workers": {}}
+    if any(ks):
+        start_ray(cpus)
     with tempfile.TemporaryDirectory(prefix="dpmot-bench-fit-") as tmp:
         targets = synthetic_targets(Path(tmp) / "y.npy", args.n, args.dim, args.seed)
         for k in ks:
@@ -184,6 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     report["matmul_gflops"] = matmul_gflops(args.n, args.dim)
     batch = next(iter(report["workers"].values()))["batch"]
     report["noise_s_per_actor"] = noise_seconds(batch, args.dim, args.chunk, 1)
+    report["driver_reduce_rate"] = driver_reduce_rate()
     report["cost_model"] = cost_model(report, args)
     return report
 
@@ -192,8 +234,7 @@ def cost_model(report: dict, args: argparse.Namespace) -> dict:
     """The model fed by the remote runs' measured s and Q; predictions at 8 and 64 GPUs."""
     remote = [r for r in report["workers"].values() if r["workers"] > 0]
     s = max((r["bytes_per_sample_per_worker"] for r in remote), default=16.0)
-    rates = [r["reduce_rate"] for r in remote if r["reduce_rate"]]
-    q = min(rates) if rates else 1e8
+    q = report["driver_reduce_rate"]
     model = CostModel(
         n=args.target_n,
         dim=args.target_dim,
