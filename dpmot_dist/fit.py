@@ -66,6 +66,9 @@ class FitConfig(Config):
     tol_grad: float | None = Field(None, gt=0)
     tol_tv: float | None = Field(None, gt=0)
     eval_samples: int | None = Field(None, ge=0, description="fresh evaluation sample size")
+    epsilon: float = Field(0.0, ge=0, description="soft-assignment temperature × score gap")
+    epsilon_decay: float = Field(0.3, ge=0, le=1)
+    soft_k: int = Field(8, ge=2, description="top-k cells of the soft assignment")
 
     def solver(self, n: int) -> SDOTSolver:
         """The solver these options describe, for N targets."""
@@ -88,6 +91,9 @@ class FitConfig(Config):
             tol_tv=self.tol_tv,
             eval_samples=eval_samples,
             log_every=self.log_every,
+            epsilon=self.epsilon,
+            epsilon_decay=self.epsilon_decay,
+            soft_k=self.soft_k,
         )
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dpmot_dist import __version__, storage
 from dpmot_dist.config import Config, add_model_flags, config_from_args
@@ -104,6 +104,12 @@ class SampleConfig(Config):
     png: Literal["auto", "never"] = Field("auto", description="PNG bytes for image data")
     overwrite: bool = Field(False, description="replace an existing output")
 
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _shape_from_flag(cls, v: Any) -> Any:
+        """``--shape 3,32,32`` arrives as a string."""
+        return [int(float(s)) for s in v.split(",")] if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
         parse_spec(self.model)
@@ -111,6 +117,8 @@ class SampleConfig(Config):
             raise ValueError("--targets and --potential are required unless --from-noise")
         if self.from_noise and not (self.targets or self.schedule):
             raise ValueError("--from-noise needs the schedule: pass --targets or --schedule")
+        if self.from_noise and self.sampler in ("ddim", "dpm-solver++") and self.nfe is None:
+            raise ValueError(f"--from-noise with --sampler {self.sampler} needs --nfe")
         return self
 
     def sampler_spec(self) -> SamplerSpec:
@@ -628,13 +636,13 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     """
     t_begin = time.perf_counter()
     fp = cfg.fingerprint()
-    storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=not cfg.overwrite)
-    if storage.is_success(cfg.out):
+    if not cfg.overwrite and storage.is_success(cfg.out):
         manifest = storage.read_json(storage.join(cfg.out, storage.MANIFEST))
         check_same_run(cfg.out, fp, manifest.get("fingerprint", {}))
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return {"out": cfg.out, "num": cfg.num, "complete": True, "written": 0, "chunks_written": 0}
-    info = resolve_run(cfg)
+    info = resolve_run(cfg)  # checks the inputs before anything is written
+    storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=not cfg.overwrite)
     if cfg.workers:
         from dpmot_dist.fit import ensure_ray
 

@@ -28,7 +28,7 @@ from dpmot_dist.solver import (
     Assignment,
     LocalAssigner,
     StreamAssigner,
-    assignment_from_winners,
+    assignment_from_topk,
     batch_sizes,
     stream_points,
 )
@@ -204,13 +204,20 @@ class ShardPool(StreamAssigner):
         values, indices, _ = self._stream(h, key, samples, k)
         return torch.from_numpy(values), torch.from_numpy(indices)
 
-    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
-        """Driver-side reduce of the K shards' winners; timings split search/transfer/reduce."""
+    def assign(
+        self,
+        h: np.ndarray,
+        key: tuple[int, ...],
+        samples: int,
+        epsilon: float = 0.0,
+        k: int = 8,
+    ) -> Assignment:
+        """Driver-side reduce of the K shards' top-k; timings split search/transfer/reduce."""
         t0 = time.perf_counter()
-        values, indices, t = self._stream(h, key, samples, 1)
+        values, indices, t = self._stream(h, key, samples, k if epsilon > 0 else 1)
         t1 = time.perf_counter()
-        a = assignment_from_winners(
-            torch.from_numpy(values[:, 0]), torch.from_numpy(indices[:, 0]), self.n, self.chunk
+        a = assignment_from_topk(
+            torch.from_numpy(values), torch.from_numpy(indices), self.n, self.chunk, epsilon
         )
         t_reduce = t["reduce"] + time.perf_counter() - t1
         a.timings = {

@@ -48,15 +48,20 @@ class Assignment:
     """Monte Carlo cell statistics of one batch of source samples.
 
     Attributes:
-        counts: (N,) int64, samples whose argmax is cell i.
-        u_sum: Σ_x u_h(x) over the samples (float64).
+        counts: (N,) samples whose argmax is cell i (int64), or with soft assignments the
+            summed probabilities softmax_i((⟨x, y⟩ + h) / ε) (float64).
+        u_sum: Σ_x u_h(x) over the samples (float64); soft: Σ_x ε log Σ_i exp(s_i / ε).
         samples: number of samples B.
+        hard_counts: argmax counts when ``counts`` are soft (for the empty-cell test).
+        dropped: soft only: an upper bound on the mean probability the top-k drops.
     """
 
     counts: np.ndarray
     u_sum: float
     samples: int
     timings: dict = field(default_factory=dict)
+    hard_counts: np.ndarray | None = None
+    dropped: float = 0.0
 
     def cell_mass(self) -> np.ndarray:
         """μ̂_i = count_i / B."""
@@ -68,7 +73,14 @@ class Assigner(Protocol):
 
     n: int
 
-    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment: ...
+    def assign(
+        self,
+        h: np.ndarray,
+        key: tuple[int, ...],
+        samples: int,
+        epsilon: float = 0.0,
+        k: int = 8,
+    ) -> Assignment: ...
 
     def score_gap(self, key: tuple[int, ...], samples: int) -> float: ...
 
@@ -108,6 +120,32 @@ def assignment_from_winners(
     return Assignment(counts, u_sum, len(values))
 
 
+def assignment_from_topk(
+    values: torch.Tensor, indices: torch.Tensor, n: int, chunk: int, epsilon: float = 0.0
+) -> Assignment:
+    """Cell statistics from each sample's exact top-k (B, k); soft at temperature ε > 0.
+
+    With ε > 0 the sample's mass is spread as p_i = softmax(s_i / ε) over its top-k cells (the
+    gradient of the entropic semi-dual, Genevay et al. 2016), which tends to the hard argmax
+    as ε → 0. The mass outside the top-k is at most (N − k)·p_k per sample: reported as
+    ``dropped``.
+    """
+    values, indices = torch.as_tensor(values), torch.as_tensor(indices)
+    hard = assignment_from_winners(values[:, 0], indices[:, 0], n, chunk)
+    if epsilon <= 0 or values.shape[1] < 2:
+        return hard
+    logits = values.double() / epsilon
+    lse = torch.logsumexp(logits, dim=1)
+    p = torch.exp(logits - lse[:, None])
+    counts = np.bincount(
+        indices.reshape(-1).cpu().numpy(), weights=p.reshape(-1).cpu().numpy(), minlength=n
+    )
+    u = epsilon * lse
+    u_sum = sum(float(u[s : s + chunk].sum()) for s in range(0, len(u), chunk))
+    dropped = float(torch.clamp(p[:, -1] * (n - values.shape[1]), max=1.0).mean())
+    return Assignment(counts, u_sum, len(values), hard_counts=hard.counts, dropped=dropped)
+
+
 class StreamAssigner:
     """An assigner built on ``stream_topk``: the exact top-k of every point of a stream."""
 
@@ -119,11 +157,18 @@ class StreamAssigner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def assign(self, h: np.ndarray, key: tuple[int, ...], samples: int) -> Assignment:
-        """Cell counts and Σ u_h over ``samples`` points of the stream ``key``."""
+    def assign(
+        self,
+        h: np.ndarray,
+        key: tuple[int, ...],
+        samples: int,
+        epsilon: float = 0.0,
+        k: int = 8,
+    ) -> Assignment:
+        """Cell statistics of ``samples`` points of the stream ``key`` (soft when ε > 0)."""
         t0 = time.perf_counter()
-        values, indices = self.stream_topk(h, key, samples, 1)
-        a = assignment_from_winners(values[:, 0], indices[:, 0], self.n, self.chunk)
+        values, indices = self.stream_topk(h, key, samples, k if epsilon > 0 else 1)
+        a = assignment_from_topk(values, indices, self.n, self.chunk, epsilon)
         a.timings = {"t_search": time.perf_counter() - t0, "t_transfer": 0.0, "t_reduce": 0.0}
         return a
 
@@ -172,6 +217,7 @@ class SolverState:
     samples: int = 0
     seconds: float = 0.0
     converged: bool = False
+    epsilon: float = 0.0
     metrics: list[dict] = field(default_factory=list)
 
     _ARRAYS = ("h", "m", "v", "h_avg")
@@ -245,6 +291,9 @@ class SDOTSolver:
         tol_grad, tol_tv: stop when ‖ĝ‖₂ (resp. the batch TV) falls below it with no empty
             cell; ``None`` disables. ``max_iters`` caps the run.
         eval_samples: size of the fresh evaluation sample (0 disables evaluation).
+        epsilon: soft assignments at temperature ε = epsilon × the score gap over each
+            sample's top ``soft_k`` cells (0: hard argmax); ε decays by ``epsilon_decay`` at
+            each schedule step and is 0 in the last phase.
     """
 
     lr: float | None = None
@@ -266,6 +315,9 @@ class SDOTSolver:
     tol_tv: float | None = None
     eval_samples: int = 0
     log_every: int = 10
+    epsilon: float = 0.0
+    epsilon_decay: float = 0.3
+    soft_k: int = 8
 
     def __post_init__(self) -> None:
         if self.averaging not in ("tail", "ema", "none"):
@@ -276,13 +328,20 @@ class SDOTSolver:
     def init_state(self, assigner: Assigner) -> SolverState:
         """Zero potential, zero Adam moments, the initial batch and step size."""
         n = assigner.n
-        lr = self.lr
-        if lr is None:
-            lr = self.lr_scale * assigner.score_gap((PROBE_STREAM,), min(4096, 64 * n))
+        gap = 1.0
+        if self.lr is None or self.epsilon > 0:
+            gap = assigner.score_gap((PROBE_STREAM,), min(4096, 64 * n))
+        lr = self.lr if self.lr is not None else self.lr_scale * gap
         batch = max(self.min_batch, math.ceil(self.samples_per_cell * n))
         zeros = np.zeros(n)
         return SolverState(
-            h=zeros, m=zeros.copy(), v=zeros.copy(), lr=lr, batch=batch, h_avg=zeros.copy()
+            h=zeros,
+            m=zeros.copy(),
+            v=zeros.copy(),
+            lr=lr,
+            batch=batch,
+            h_avg=zeros.copy(),
+            epsilon=self.epsilon * gap,
         )
 
     def solve(
@@ -323,7 +382,9 @@ class SDOTSolver:
     def step(self, assigner: Assigner, nu: np.ndarray, state: SolverState) -> dict:
         """One iteration: assign a batch, Adam step, centre, average, schedule, stop test."""
         t0 = time.perf_counter()
-        a = assigner.assign(state.h, (TRAIN_STREAM, state.iteration), state.batch)
+        a = assigner.assign(
+            state.h, (TRAIN_STREAM, state.iteration), state.batch, state.epsilon, self.soft_k
+        )
         mu = a.cell_mass()
         grad = mu - nu
         energy = a.u_sum / a.samples - float(nu @ state.h)
@@ -334,6 +395,8 @@ class SDOTSolver:
         self._average(state)
         grad_l2 = float(np.linalg.norm(grad))
         errors = cell_errors(mu, nu)
+        if a.hard_counts is not None:
+            errors["empty_frac"] = float(np.mean(a.hard_counts[nu > 0] == 0))
         state.seconds += time.perf_counter() - t0
         record = {
             "iter": state.iteration,
@@ -344,6 +407,8 @@ class SDOTSolver:
             "seconds": state.seconds,
             "lr": state.lr,
             "batch": a.samples,
+            "epsilon": state.epsilon,
+            "dropped": a.dropped,
             **a.timings,
         }
         self._schedule(state, grad_l2)
@@ -392,6 +457,9 @@ class SDOTSolver:
         state.growths += 1
         state.batch = math.ceil(state.batch * self.growth)
         state.lr *= self.lr_decay
+        state.epsilon *= self.epsilon_decay
+        if state.growths >= self.max_growths:
+            state.epsilon = 0.0  # the last phase is the hard argmax: no entropic bias
         state.stall, state.best_grad = 0, math.inf
         if self.averaging == "tail":
             state.avg_count = 0

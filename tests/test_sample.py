@@ -304,6 +304,19 @@ def test_torchscript_model_refines_image_targets(tmp_path):
     assert _decode_png(table.column("png")[6].as_py()).mode == "L"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_from_noise_with_a_torchscript_model_and_shape(tmp_path, capsys):
+    path = tmp_path / "halve.pt"
+    torch.jit.save(torch.jit.script(Halve()), str(path))
+    out = str(tmp_path / "samples")
+    argv = ["sample", "--from-noise", "--sampler", "ddim", "--nfe", "2", "--shape", "1,8,8"]
+    argv += ["--model", f"torchscript:{path}", "--num", "3", "--out", out, "--schedule", "ve"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    m, table = read_samples(out)
+    assert m["data_shape"] == [1, 8, 8] and m["nfe"] == 2 and m["schedule"]["kind"] == "ve"
+    assert _decode_png(table.column("png")[0].as_py()).size == (8, 8)
+
+
 def test_model_shape_mismatch_is_reported(tmp_path):
     problem = make_problem(tmp_path)
     other = tmp_path / "other.json"

@@ -32,6 +32,15 @@ pytest.importorskip("diffusers")
 SCHEDULES = {"vp": Schedule(), "ve": Schedule(kind="ve")}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors run fastest on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mixture() -> GaussianMixture:
     """Three well separated components in R^3 with unequal weights and spreads."""
     means = np.zeros((3, 3))

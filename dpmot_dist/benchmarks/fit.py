@@ -238,7 +238,7 @@ def cost_model(report: dict, args: argparse.Namespace) -> dict:
     model = CostModel(
         n=args.target_n,
         dim=args.target_dim,
-        samples_per_cell=args.samples_per_cell,
+        samples_per_cell=args.target_samples_per_cell,
         bytes_per_sample=s,
         reduce_rate=q,
         net_gbps=args.net_gbps,
@@ -285,6 +285,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-n", type=int, default=1_280_000, help="cost model: N")
     parser.add_argument("--target-dim", type=int, default=4096, help="cost model: D")
+    parser.add_argument(
+        "--target-samples-per-cell", type=float, default=10.0, help="cost model: B / N"
+    )
     parser.add_argument(
         "--gpus", type=lambda s: [int(v) for v in s.split(",")], default=[8, 64], help="K"
     )
