@@ -7,8 +7,9 @@
 #
 # It never runs `ray stop`, which would end every Ray process on the machine (other users'
 # clusters and test sessions included). Settings (environment):
-#   RAY_PORT (6379), DASHBOARD_PORT (8265), CLIENT_PORT (10001), NUM_CPUS, NUM_GPUS (detected
-#   when unset), STATE_DIR (~/.cache/dpmot-ray-head: pid file, log, Ray's temp dir).
+#   RAY_PORT (6379), DASHBOARD_PORT (8265), CLIENT_PORT (10001), AGENT_PORT (52365), NUM_CPUS,
+#   NUM_GPUS (detected when unset), STATE_DIR (~/.cache/dpmot-ray-head: pid file, log, and
+#   Ray's temp dir).
 # The token: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH when set, else ~/.ray/auth_token
 # (created by `ray get-auth-token --generate` if missing). Clients on this machine read the same
 # file; `ray get-auth-token` prints it for clients elsewhere (e.g. behind an SSH tunnel).
@@ -17,6 +18,7 @@ set -euo pipefail
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 CLIENT_PORT=${CLIENT_PORT:-10001}
+AGENT_PORT=${AGENT_PORT:-52365}
 STATE_DIR=${STATE_DIR:-${HOME}/.cache/dpmot-ray-head}
 PID_FILE=${STATE_DIR}/head.pgid
 LOG_FILE=${STATE_DIR}/head.log
@@ -55,8 +57,9 @@ start() {
     ray start --head --block --disable-usage-stats \
     --node-ip-address 127.0.0.1 --port "${RAY_PORT}" \
     --dashboard-host 127.0.0.1 --dashboard-port "${DASHBOARD_PORT}" \
-    --ray-client-server-port "${CLIENT_PORT}" --temp-dir "${TEMP_DIR}" \
-    "${extra[@]}" >"${LOG_FILE}" 2>&1 </dev/null &
+    --ray-client-server-port "${CLIENT_PORT}" --dashboard-agent-listen-port "${AGENT_PORT}" \
+    --temp-dir "${TEMP_DIR}" \
+    ${extra[@]+"${extra[@]}"} >"${LOG_FILE}" 2>&1 </dev/null &
   for _ in $(seq 120); do
     if ray job list --address "http://127.0.0.1:${DASHBOARD_PORT}" >/dev/null 2>&1; then
       pgid=$(<"${PID_FILE}")
@@ -68,7 +71,10 @@ Clients need RAY_AUTH_MODE=token and the token: on this machine it is read from
 ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token}${RAY_AUTH_TOKEN:+ (here: RAY_AUTH_TOKEN, export it too)};
 elsewhere print it with \`ray get-auth-token\` and export it as RAY_AUTH_TOKEN.
   export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:${DASHBOARD_PORT}
-  ray job submit --working-dir . -- python jobs/fit.py --config jobs/configs/fit.yaml
+  ray job submit --working-dir . \\
+    --runtime-env-json '{"excludes": [".venv", ".git", "*.npy", "bench-out"]}' \\
+    -- python jobs/fit.py --targets "\$PWD/y.npy" --out "\$PWD/fit-out" \\
+       --workers 2 --cpus-per-worker 0.5
 Stop it with: $0 stop
 INFO
       return 0

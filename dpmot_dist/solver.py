@@ -98,10 +98,16 @@ def stream_points(
     chunk: int,
     dim: int,
     device: torch.device | str = "cpu",
+    batches: tuple[int, int] | None = None,
 ):
-    """Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``."""
-    for b, size in enumerate(batch_sizes(samples, chunk)):
-        yield source.sample(size, dim, seed, *key, b, device=device)
+    """Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``.
+
+    ``batches`` = (b0, b1) generates only micro-batches b0 ≤ b < b1.
+    """
+    sizes = batch_sizes(samples, chunk)
+    b0, b1 = batches if batches is not None else (0, len(sizes))
+    for b in range(b0, min(b1, len(sizes))):
+        yield source.sample(sizes[b], dim, seed, *key, b, device=device)
 
 
 def assignment_from_winners(

@@ -111,3 +111,17 @@ def test_nan_targets_rejected():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown search backend"):
         TargetIndex(np.ones((2, 2)), backend="gpu-magic")
+
+
+def test_triton_backend_through_the_search_interface():
+    pytest.importorskip("triton")
+    from dpmot_dist.search import triton_available
+
+    if not triton_available("cpu"):
+        pytest.skip("Triton interpreter not active in this process")
+    x, y, h = problem(24, 150, 20, seed=5)
+    for dtype in ("float32", "float16"):
+        values, indices = search(x, y, h, 2, backend="triton", storage_dtype=dtype)
+        v_ref, i_ref = brute_force(x, y, h, 2)
+        assert torch.equal(indices, i_ref)
+        torch.testing.assert_close(values, v_ref, rtol=0, atol=1e-9)

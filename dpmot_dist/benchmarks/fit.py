@@ -314,8 +314,13 @@ def cli_main(args: argparse.Namespace) -> int:
             f"{r['bytes_moved'] / 1e6:9.2f} {r['bytes_per_sample_per_worker']:8.1f} "
             f"{r['samples_per_s']:10.3g}"
         )
-    print(f"noise regeneration, one actor, one thread: {report['noise_s_per_actor']:.3f} s/iter")
     cm = report["cost_model"]
+    ideal = next(iter(cm["check_here"].values()))["predicted_t_search"]
+    print(
+        f"search at the matmul rate would take {ideal:.3f} s; regenerating one batch of noise "
+        f"takes one thread {report['noise_s_per_actor']:.3f} s; the driver merges "
+        f"{report['driver_reduce_rate']:.3g} (sample, worker) pairs/s"
+    )
     inputs = cm["inputs"]
     print(f"cost model: {cm['formula']}")
     print(
