@@ -220,6 +220,8 @@ class SolverState:
     growths: int = 0
     best_grad: float = math.inf
     stall: int = 0
+    window_sum: float = 0.0
+    prev_window: float = math.inf
     samples: int = 0
     seconds: float = 0.0
     converged: bool = False
@@ -299,7 +301,7 @@ class SDOTSolver:
         eval_samples: size of the fresh evaluation sample (0 disables evaluation).
         epsilon: soft assignments at temperature ε = epsilon × the score gap over each
             sample's top ``soft_k`` cells (0: hard argmax); ε decays by ``epsilon_decay`` at
-            each schedule step and is 0 in the last phase.
+            each schedule step and is 0 after ``soft_phases`` of them.
     """
 
     lr: float | None = None
@@ -324,8 +326,12 @@ class SDOTSolver:
     epsilon: float = 0.0
     epsilon_decay: float = 0.3
     soft_k: int = 8
+    soft_phases: int = 2
+    stall_rule: Literal["window", "best"] = "window"
 
     def __post_init__(self) -> None:
+        if self.stall_rule not in ("window", "best"):
+            raise ValueError(f"stall_rule must be window or best, got {self.stall_rule!r}")
         if self.averaging not in ("tail", "ema", "none"):
             raise ValueError(f"averaging must be tail, ema or none, got {self.averaging!r}")
         if self.max_iters < 0 or self.min_batch < 1 or self.samples_per_cell <= 0:
@@ -452,21 +458,40 @@ class SDOTSolver:
             rate = (self.tail_power + 1) / (state.avg_count + self.tail_power)
         state.h_avg += min(rate, 1.0) * (state.h - state.h_avg)
 
-    def _schedule(self, state: SolverState, grad_l2: float) -> None:
-        """Grow the batch and decay the step when ‖ĝ‖₂ has stalled for ``patience`` iterations."""
-        if grad_l2 < state.best_grad:
-            state.best_grad, state.stall = grad_l2, 0
-            return
+    def _stalled(self, state: SolverState, grad_l2: float) -> bool:
+        """Has ‖ĝ‖₂ stopped improving?
+
+        ``best`` (the reference): no new minimum for ``patience`` iterations — slow to fire
+        when the noise of ĝ keeps producing new minima. ``window``: the mean of ‖ĝ‖₂ over the
+        last ``patience`` iterations is not 5% below the previous window's.
+        """
+        if self.stall_rule == "best":
+            if grad_l2 < state.best_grad:
+                state.best_grad, state.stall = grad_l2, 0
+                return False
+            state.stall += 1
+            return state.stall >= self.patience
         state.stall += 1
-        if state.stall < self.patience or state.growths >= self.max_growths:
+        state.window_sum += grad_l2
+        if state.stall < self.patience:
+            return False
+        mean, state.window_sum, state.stall = state.window_sum / state.stall, 0.0, 0
+        stalled = mean > 0.95 * state.prev_window
+        state.prev_window = mean
+        return stalled
+
+    def _schedule(self, state: SolverState, grad_l2: float) -> None:
+        """Grow the batch and decay the step when ‖ĝ‖₂ has stalled (see :meth:`_stalled`)."""
+        if not self._stalled(state, grad_l2) or state.growths >= self.max_growths:
             return
         state.growths += 1
         state.batch = math.ceil(state.batch * self.growth)
         state.lr *= self.lr_decay
         state.epsilon *= self.epsilon_decay
-        if state.growths >= self.max_growths:
-            state.epsilon = 0.0  # the last phase is the hard argmax: no entropic bias
-        state.stall, state.best_grad = 0, math.inf
+        if state.growths >= min(self.soft_phases, self.max_growths):
+            state.epsilon = 0.0  # later phases use the hard argmax: no entropic bias
+        state.stall, state.best_grad, state.window_sum = 0, math.inf, 0.0
+        state.prev_window = math.inf
         if self.averaging == "tail":
             state.avg_count = 0
         log.info(

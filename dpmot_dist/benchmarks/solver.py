@@ -41,6 +41,7 @@ REFERENCE = SDOTSolver(
     lr_decay=0.8,
     max_growths=3,
     max_iters=10**9,
+    stall_rule="best",
 )
 
 
