@@ -16,7 +16,12 @@ def test_mode_metrics_exact_cases():
 
 def test_demo_small(ray_local, tmp_path):
     rows = run_demo(tmp_path, workers=2, n_data=500, num=200, iters=60)
-    assert [r["method"] for r in rows] == ["DPM-OT copy", "DDIM", "DPM-Solver++"]
+    assert [(r["method"], r["nfe"]) for r in rows] == [
+        ("DPM-OT copy", 10),
+        ("DDIM", 10),
+        ("DPM-Solver++", 10),
+        ("DDIM", 50),
+    ]
     ot, ddim = rows[0], rows[1]
     assert ot["mode_mixture"] < ddim["mode_mixture"]
     for name in ("fit_curve.png", "samples.png", "report.json"):

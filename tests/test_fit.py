@@ -175,8 +175,6 @@ def test_killed_driver_resumes_from_checkpoint(targets, tmp_path):
         "--cpus-per-worker",
         "0.5",
     ]
-    ref = fit_cli(*args, "--out", str(tmp_path / "ref"), "--iters", "40")
-    assert ref.returncode == 0, ref.stderr
     out = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": "local"}
     proc = subprocess.Popen(
