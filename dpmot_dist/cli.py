@@ -33,27 +33,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verb_parser(verb: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one verb: ``--config``, the verb's flags and ``--log-level``."""
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser(prog=prog or f"dpmot {verb}", description=VERBS[verb][1])
+    module.add_arguments(parser)
+    if not any("--log-level" in a.option_strings for a in parser._actions):
+        parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def run_verb(verb: str, args: argparse.Namespace, prog: str | None = None) -> int:
+    """Run a verb on parsed flags: its exit code, or 2 with a one-line error on bad input."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(VERBS[verb][0])
+    try:
+        return int(module.cli_main(args) or 0)
+    except DpmotError as e:
+        print(f"{prog or f'dpmot {verb}'}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog or f'dpmot {verb}'}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dpmot`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     head, rest = _parser().parse_known_args(argv)
-    logging.basicConfig(
-        level=head.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    module = importlib.import_module(VERBS[head.verb][0])
-    parser = argparse.ArgumentParser(prog=f"dpmot {head.verb}", description=VERBS[head.verb][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    try:
-        return int(module.cli_main(args) or 0)
-    except DpmotError as e:
-        print(f"dpmot {head.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dpmot {head.verb}: interrupted", file=sys.stderr)
-        return 130
+    args = verb_parser(head.verb).parse_args(rest)
+    args.log_level = head.log_level if args.log_level == "INFO" else args.log_level
+    return run_verb(head.verb, args)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def run_demo(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_fit(out / "fit", out / "fit_curve.png")
     plot_samples(
-        {r["method"]: read_samples(r["samples"]) for r in rows}, mixture, out / "samples.png"
+        {f"{r['method']} {r['nfe']} NFE": read_samples(r["samples"]) for r in rows},
+        mixture,
+        out / "samples.png",
     )
     return rows
 
@@ -179,7 +181,7 @@ def plot_samples(samples: dict[str, np.ndarray], mixture: GaussianMixture, png: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4))
+    fig, axes = plt.subplots(1, len(samples), figsize=(3.6 * len(samples), 3.8))
     for ax, (name, x) in zip(np.atleast_1d(axes), samples.items(), strict=True):
         d2 = ((x[:, None] - mixture.means[None]) ** 2).sum(-1) / mixture.stds[None] ** 2
         mixed = ~(d2 <= chi2.ppf(0.999, 2)).any(1)

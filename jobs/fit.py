@@ -11,46 +11,21 @@ starts a local one. Example::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from dpmot_dist import storage
-from dpmot_dist.config import config_from_args
-from dpmot_dist.errors import DpmotError
-from dpmot_dist.fit import FitConfig, add_arguments, run_fit
+from dpmot_dist.cli import run_verb, verb_parser
+
+PROG = "jobs/fit.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return parser.parse_args(argv)
+    return verb_parser("fit", PROG).parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Fit and write the output folder; 0 on success, 2 with a one-line error on bad input."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        cfg = config_from_args(FitConfig, args, "fit")
-        result = run_fit(cfg)
-    except DpmotError as e:
-        print(f"jobs/fit.py: error: {e}", file=sys.stderr)
-        return 2
-    if result is None:
-        print(f"{cfg.out}: already complete")
-        return 0
-    ev = result.evaluation
-    tv = f", fresh-sample TV {ev['tv']:.4f}" if ev else ""
-    print(
-        f"wrote {storage.join(cfg.out, 'h.npy')} after {result.iterations} iterations "
-        f"({result.samples:,} samples, {cfg.workers} workers){tv}"
-    )
-    return 0
+    """Run the job; 0 on success, 2 with a one-line error on bad input."""
+    return run_verb("fit", args, PROG)
 
 
 if __name__ == "__main__":
