@@ -25,10 +25,8 @@ from dpmot_dist import storage
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.search import TargetIndex, merge_topk
 from dpmot_dist.solver import (
-    Assignment,
     LocalAssigner,
     StreamAssigner,
-    assignment_from_topk,
     batch_sizes,
     stream_points,
 )
@@ -225,29 +223,17 @@ class ShardPool(StreamAssigner):
         values, indices, _ = self._stream(h, key, samples, k)
         return torch.from_numpy(values), torch.from_numpy(indices)
 
-    def assign(
-        self,
-        h: np.ndarray,
-        key: tuple[int, ...],
-        samples: int,
-        epsilon: float = 0.0,
-        k: int = 8,
-    ) -> Assignment:
-        """Driver-side reduce of the K shards' top-k; timings split search/transfer/reduce."""
+    def timed_topk(self, h, key, samples, k):
+        """Merged top-k of the stream and the split of its time (driver-side reduce)."""
         t0 = time.perf_counter()
-        values, indices, t = self._stream(h, key, samples, k if epsilon > 0 else 1)
-        t1 = time.perf_counter()
-        a = assignment_from_topk(
-            torch.from_numpy(values), torch.from_numpy(indices), self.n, self.chunk, epsilon
-        )
-        t_reduce = t["reduce"] + time.perf_counter() - t1
-        a.timings = {
+        values, indices, t = self._stream(h, key, samples, k)
+        timings = {
             "t_search": t["search"],
-            "t_reduce": t_reduce,
-            "t_transfer": max(0.0, t1 - t0 - t["search"] - t["reduce"]),
+            "t_reduce": t["reduce"],
+            "t_transfer": max(0.0, time.perf_counter() - t0 - t["search"] - t["reduce"]),
             "bytes_moved": t["bytes"],
         }
-        return a
+        return torch.from_numpy(values), torch.from_numpy(indices), timings
 
     def _stream(self, h, key, samples, k):
         """Submit every wave of micro-batches, then merge each wave as it arrives."""

@@ -172,11 +172,18 @@ class StreamAssigner:
         k: int = 8,
     ) -> Assignment:
         """Cell statistics of ``samples`` points of the stream ``key`` (soft when ε > 0)."""
+        values, indices, timings = self.timed_topk(h, key, samples, k if epsilon > 0 else 1)
         t0 = time.perf_counter()
-        values, indices = self.stream_topk(h, key, samples, k if epsilon > 0 else 1)
         a = assignment_from_topk(values, indices, self.n, self.chunk, epsilon)
-        a.timings = {"t_search": time.perf_counter() - t0, "t_transfer": 0.0, "t_reduce": 0.0}
+        timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
+        a.timings = timings
         return a
+
+    def timed_topk(self, h: np.ndarray, key: tuple[int, ...], samples: int, k: int):
+        """:meth:`stream_topk` and how its time split into search, transfer and reduce."""
+        t0 = time.perf_counter()
+        values, indices = self.stream_topk(h, key, samples, k)
+        return values, indices, {"t_search": time.perf_counter() - t0, "t_transfer": 0.0}
 
     def score_gap(self, key: tuple[int, ...], samples: int) -> float:
         """Median over samples of (best − second-best score) at h = 0."""
