@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpmot_dist.benchmarks.search import best_time
+from dpmot_dist.benchmarks.search import best_times
 from dpmot_dist.fit import FitConfig, run_fit
 from dpmot_dist.search import merge_topk
 from dpmot_dist.solver import assignment_from_winners
@@ -103,10 +103,8 @@ def matmul_gflops(n: int, dim: int, batch: int = 4096, repeat: int = 3) -> float
     x, y = torch.randn(batch, dim, generator=gen), torch.randn(n, dim, generator=gen)
     xn, yn = x.numpy(), y.numpy()
     flops = 2.0 * batch * n * dim
-    t = min(
-        best_time(lambda: x @ y.T, repeat, lambda: None),
-        best_time(lambda: xn @ yn.T, repeat, lambda: None),
-    )
+    fns = {"torch": lambda: x @ y.T, "numpy": lambda: xn @ yn.T}
+    t = min(best_times(fns, repeat, lambda: None).values())
     return flops / t / 1e9
 
 

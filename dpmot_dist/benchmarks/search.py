@@ -17,17 +17,25 @@ import torch
 from dpmot_dist.search import BACKENDS, TargetIndex, default_backend, resolve_backend
 
 
-def best_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
-    """Best wall time of ``repeat`` calls after one warm-up."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def best_times(
+    fns: dict[str, Callable[[], object]], repeat: int, sync: Callable[[], None]
+) -> dict[str, float]:
+    """Best wall time of each function over ``repeat`` interleaved rounds, after a warm-up.
+
+    Rounds alternate between the functions, so that a slow spell of a shared machine hits
+    every candidate alike and the ratios stay meaningful.
+    """
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    sync()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def reference_search(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, chunk: int = 1000):
@@ -54,10 +62,26 @@ def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     flops = 2.0 * batch * n * dim
     rate = lambda t: flops / t / 1e9  # noqa: E731
-    matmul = {"torch": rate(best_time(lambda: x @ y.T, repeat, sync))}
+    fns: dict[str, Callable[[], object]] = {"matmul:torch": lambda: x @ y.T}
     if device == "cpu":
         xn, yn = x.numpy(), y.numpy()
-        matmul["numpy"] = rate(best_time(lambda: xn @ yn.T, repeat, sync))
+        fns["matmul:numpy"] = lambda: xn @ yn.T
+    if device == "cuda":
+        xb, yb = x.bfloat16(), y.bfloat16()
+        fns["matmul:bf16"] = lambda: xb @ yb.T
+    indexes = {}
+    for name in BACKENDS:
+        try:
+            indexes[name] = TargetIndex(y, backend=resolve_backend(name, device), device=device)
+        except ValueError:
+            continue
+        fns[name] = lambda index=indexes[name]: index.search(x, h, 1)
+    h32 = h.float()
+    fns["reference"] = lambda: reference_search(x, y, h32)
+    gflops = {name: rate(t) for name, t in best_times(fns, repeat, sync).items()}
+    matmul = {
+        k.split(":")[1]: v for k, v in gflops.items() if k in ("matmul:torch", "matmul:numpy")
+    }
     report: dict = {
         "n": n,
         "dim": dim,
@@ -69,24 +93,19 @@ def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -
         "backends": {},
     }
     if device == "cuda":
-        xb, yb = x.bfloat16(), y.bfloat16()
-        report["bf16_matmul_gflops"] = rate(best_time(lambda: xb @ yb.T, repeat, sync))
+        report["bf16_matmul_gflops"] = gflops["matmul:bf16"]
     truth = reference_search(x[:512].double(), y.double(), h)[1].cpu()
-    for name in BACKENDS:
-        try:
-            index = TargetIndex(y, backend=resolve_backend(name, device), device=device)
-        except ValueError:
-            continue
-        g = rate(best_time(lambda index=index: index.search(x, h, 1), repeat, sync))
+    for name, index in indexes.items():
         winners = index.search(x[:512], h, 1)[1][:, 0].cpu()
         report["backends"][name] = {
-            "gflops": g,
-            "ratio": g / report["matmul_gflops"],
+            "gflops": gflops[name],
+            "ratio": gflops[name] / report["matmul_gflops"],
             "disagree": float((winners != truth).float().mean()),
         }
-    h32 = h.float()
-    g = rate(best_time(lambda: reference_search(x, y, h32), repeat, sync))
-    report["backends"]["reference"] = {"gflops": g, "ratio": g / report["matmul_gflops"]}
+    report["backends"]["reference"] = {
+        "gflops": gflops["reference"],
+        "ratio": gflops["reference"] / report["matmul_gflops"],
+    }
     return report
 
 
@@ -95,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=1024, help="dimension D")
     parser.add_argument("--batch", type=int, default=4096, help="queries B")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
