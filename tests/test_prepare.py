@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dpmot_dist import cli, images, storage
+from dpmot_dist.config import config_from_args
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.prepare import PLAN, PrepareConfig, run_prepare
 from dpmot_dist.schedules import Schedule
@@ -604,7 +605,7 @@ def test_job_entrypoint_and_example_config(
 ) -> None:
     job, example = _job_module()
     args = job.parse_args(["--config", str(example), "--data", "x", "--out", "y"])
-    cfg = job.config_from_args(PrepareConfig, args, "prepare")  # every example key is valid
+    cfg = config_from_args(PrepareConfig, args, "prepare")  # every example key is valid
     assert cfg.schedule == "vp-linear" and cfg.image_size == 64 and cfg.data == "x"
     np.save(tmp_path / "x.npy", uint8_images(rng, 3, (3, 4, 4)))
     argv = ["--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--step", "7"]
