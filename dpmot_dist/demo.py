@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from scipy.stats import chi2
 
-from dpmot_dist import storage
 from dpmot_dist.fit import FitConfig, ensure_ray, run_fit
-from dpmot_dist.metrics import mode_metrics
+from dpmot_dist.metrics import mahalanobis2, mode_metrics
 from dpmot_dist.models import GaussianMixture
 from dpmot_dist.prepare import PrepareConfig, run_prepare
-from dpmot_dist.sample import SampleConfig, run_sample
+from dpmot_dist.sample import SampleConfig, read_samples, run_sample
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +39,10 @@ def grid_mixture(side: int = 5, spacing: float = 0.5, std: float = 0.02) -> Gaus
     )
 
 
-def read_samples(folder: str) -> np.ndarray:
-    """All ``x`` rows of a samples data set, in sample_id order."""
-    fs, path = storage.url_to_fs(folder)
-    files = sorted(f for f in fs.ls(path, detail=False) if f.endswith(".parquet") and "chunk-" in f)
-    tables = [pq.read_table(f, filesystem=fs, columns=["sample_id", "x"]) for f in files]
-    ids = np.concatenate([t["sample_id"].to_numpy() for t in tables])
-    x = np.concatenate([np.stack(t["x"].to_numpy(zero_copy_only=False)) for t in tables])
-    return x[np.argsort(ids)]
+def sample_points(folder: str) -> np.ndarray:
+    """The ``x`` rows of a finished samples data set, (num, D), in sample_id order."""
+    _, table = read_samples(folder)
+    return np.stack(table.column("x").to_numpy(zero_copy_only=False))
 
 
 def run_demo(
@@ -108,7 +102,7 @@ def run_demo(
         ("DPM-Solver++", "dpm-solver++", nfe, noise),
         ("DDIM", "ddim", 50, noise),
     ]
-    rows = []
+    rows, points = [], {}
     for method, sampler, k, extra in runs:
         name = method.lower().replace(" ", "-").replace("+", "p")
         folder = out / f"samples-{name}-{k}"
@@ -126,7 +120,7 @@ def run_demo(
                 **extra,
             )
         )
-        x = read_samples(str(folder))
+        x = points[f"{method} {k} NFE"] = sample_points(str(folder))
         rows.append(
             {
                 "method": method,
@@ -148,7 +142,7 @@ def run_demo(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_fit(out / "fit", out / "fit_curve.png")
     plot_samples(
-        {f"{r['method']} {r['nfe']} NFE": read_samples(r["samples"]) for r in rows},
+        points,
         mixture,
         out / "samples.png",
     )
@@ -183,7 +177,7 @@ def plot_samples(samples: dict[str, np.ndarray], mixture: GaussianMixture, png: 
 
     fig, axes = plt.subplots(1, len(samples), figsize=(3.6 * len(samples), 3.8))
     for ax, (name, x) in zip(np.atleast_1d(axes), samples.items(), strict=True):
-        d2 = ((x[:, None] - mixture.means[None]) ** 2).sum(-1) / mixture.stds[None] ** 2
+        d2 = mahalanobis2(x, mixture.means, mixture.stds)
         mixed = ~(d2 <= chi2.ppf(0.999, 2)).any(1)
         ax.scatter(*x[~mixed].T, s=2, c=d2.argmin(1)[~mixed], cmap="tab20")
         ax.scatter(*x[mixed].T, s=2, c="black")

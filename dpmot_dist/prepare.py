@@ -39,7 +39,6 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -426,14 +425,6 @@ def _manifest_extra(cfg: PrepareConfig, source: Source, t: Transform) -> dict[st
 # Running blocks
 
 
-def _ensure_ray() -> None:
-    """Join the cluster at RAY_ADDRESS, or start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-
-
 def _run_blocks(
     cfg: PrepareConfig, source: Source, t: Transform, todo: list[tuple[int, Block]]
 ) -> Iterator[dict]:
@@ -445,7 +436,9 @@ def _run_blocks(
         return
     import ray
 
-    _ensure_ray()
+    from dpmot_dist.fit import ensure_ray  # here, so that Ray workers never import the fit
+
+    ensure_ray()
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     task = ray.remote(prepare_block).options(num_cpus=1, num_gpus=cfg.gpus_per_worker)
     source_ref, t_ref = ray.put(lite), ray.put(t)
