@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import urllib.request
-import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from dpmot_dist import cli, images, storage
 from dpmot_dist.errors import DpmotError
@@ -118,50 +113,10 @@ def test_s3_missing_object(s3_bucket: str) -> None:
 # Wrong credentials (moto checks signatures only while its IAM authentication is on)
 
 
-def _set_moto_auth(endpoint: str, count: str) -> None:
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth",
-        data=count.encode(),
-        headers={"Content-Type": "application/octet-stream"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
-
-
-@pytest.fixture
-def moto_auth(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    """``switch_on(secret)``: turn moto's authentication on with a real user's key id."""
-    import boto3
-
-    endpoint = s3_server["endpoint_url"]
-    iam = boto3.client("iam", endpoint_url=endpoint)
-    name = f"user-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=name)
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-    }
-    iam.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName=name)["AccessKey"]
-
-    def switch_on(secret: str) -> None:
-        _set_moto_auth(endpoint, "0")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        s3fs.S3FileSystem.clear_instance_cache()
-
-    try:
-        yield switch_on
-    finally:
-        _set_moto_auth(endpoint, "inf")
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_wrong_credentials(s3_bucket: str, moto_auth, rng) -> None:
+def test_s3_wrong_credentials(s3_bucket: str, moto_user, rng) -> None:
     data = f"{s3_bucket}/in/x.npy"
     put_npy(data, rng.normal(size=(4, 3)).astype(np.float32))
-    moto_auth("wrong-secret")
+    moto_user["switch_on"]("wrong-secret")
     cfg = PrepareConfig(data=data, out=f"{s3_bucket}/o", step=5, workers=0)
     message = error_of(run_prepare, cfg)
     assert message == f"{data}: {DENIED}"

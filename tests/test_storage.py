@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import errno
 import json
-import urllib.request
-import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 from botocore.exceptions import ClientError, NoCredentialsError
 from fsspec.implementations.local import LocalFileSystem
 
@@ -392,50 +388,6 @@ def test_storage_errors_translation() -> None:
             raise exc
         assert str(info.value) == message
         assert info.value.__cause__ is exc
-
-
-def _set_moto_auth(endpoint: str, count: str) -> None:
-    """Turn moto's IAM authentication on ("0") or off ("inf")."""
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth",
-        data=count.encode(),
-        headers={"Content-Type": "application/octet-stream"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
-
-
-@pytest.fixture
-def moto_user(
-    s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, str]]:
-    """An IAM user allowed everything; ``switch_on()`` turns moto's authentication on until
-    the test ends (moto accepts any key while it is off)."""
-    import boto3
-
-    endpoint = s3_server["endpoint_url"]
-    iam = boto3.client("iam", endpoint_url=endpoint)
-    name = f"user-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=name)
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
-    }
-    iam.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName=name)["AccessKey"]
-
-    def switch_on(secret: str) -> None:
-        _set_moto_auth(endpoint, "0")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        s3fs.S3FileSystem.clear_instance_cache()
-
-    try:
-        yield {"secret": key["SecretAccessKey"], "switch_on": switch_on}
-    finally:
-        _set_moto_auth(endpoint, "inf")
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_wrong_credentials_on_s3(s3_bucket: str, moto_user, rng: np.random.Generator) -> None:
