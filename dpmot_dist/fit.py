@@ -55,7 +55,7 @@ class FitConfig(Config):
     log_every: int = Field(10, ge=1)
     lr: float | None = Field(None, gt=0, description="Adam step (default: lr_scale × score gap)")
     lr_scale: float = Field(0.1, gt=0)
-    samples_per_cell: float = Field(10.0, gt=0)
+    samples_per_cell: float = Field(2.0, gt=0)
     min_batch: int = Field(4096, ge=1)
     patience: int = Field(25, ge=1)
     growth: float = Field(2.0, ge=1)
@@ -69,6 +69,12 @@ class FitConfig(Config):
     epsilon: float = Field(0.0, ge=0, description="soft-assignment temperature × score gap")
     epsilon_decay: float = Field(0.3, ge=0, le=1)
     soft_k: int = Field(8, ge=2, description="top-k cells of the soft assignment")
+    optimizer: Literal["adam", "sgd"] = "adam"
+    control_variate: Literal["snapshot", "none"] = Field(
+        "snapshot", description="snapshot: SVRG-style control variate on the cell masses"
+    )
+    cv_refresh: float = Field(0.2, gt=0, le=1, description="new snapshot above this churn")
+    cv_k: int = Field(4, ge=2, description="top-k that certifies the snapshot's cells")
 
     def solver(self, n: int) -> SDOTSolver:
         """The solver these options describe, for N targets."""
@@ -94,6 +100,10 @@ class FitConfig(Config):
             epsilon=self.epsilon,
             epsilon_decay=self.epsilon_decay,
             soft_k=self.soft_k,
+            optimizer=self.optimizer,
+            control_variate=self.control_variate,
+            cv_refresh=self.cv_refresh,
+            cv_k=self.cv_k,
         )
 
 

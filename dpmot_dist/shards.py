@@ -188,7 +188,8 @@ class ShardPool(StreamAssigner):
             "chunk": chunk,
         }
         if workers == 0:
-            return cls([ShardWorker(targets_uri, 0, n, **kwargs)], [(0, n)], dim, chunk)
+            pool = cls([ShardWorker(targets_uri, 0, n, **kwargs)], [(0, n)], dim, chunk)
+            return pool._stream_of(source, seed, device)
         import ray
 
         if workers > n:
@@ -203,13 +204,19 @@ class ShardPool(StreamAssigner):
         threads = max(1, int(cpus_per_worker))
         bounds = shard_bounds(n, workers)
         handles = [actor.remote(targets_uri, a, b, threads=threads, **kwargs) for a, b in bounds]
-        pool = cls(handles, bounds, dim, chunk)
+        pool = cls(handles, bounds, dim, chunk)._stream_of(source, seed, device)
         try:
             pool.pids()  # surfaces load errors (missing object, NaN, ...) now
         except Exception as e:
             pool.close()
             raise _unwrap(e) from None
         return pool
+
+    def _stream_of(self, source: Source | None, seed: int, device: str) -> ShardPool:
+        """Record the workers' noise stream, so the driver can regenerate single rows."""
+        self.source, self.seed = source or Source(), seed
+        self.stream_device = resolve_device(device)
+        return self
 
     def pids(self) -> list[int]:
         """Process ids of the workers (for monitoring, and for fault-injection tests)."""
@@ -267,6 +274,9 @@ class ShardPool(StreamAssigner):
         nbytes += len(self.handles) * np.asarray(h).nbytes
         timing = {"search": max(search), "reduce": reduce, "bytes": nbytes}
         return np.concatenate(out_v), np.concatenate(out_i), timing
+
+    def search_points(self, x, h, k):
+        return self.search(x, h, k)
 
     def search(self, x, h: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Exact merged top-k of the points x (B, D) over all shards (values, indices)."""

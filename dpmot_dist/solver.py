@@ -54,6 +54,10 @@ class Assignment:
         samples: number of samples B.
         hard_counts: argmax counts when ``counts`` are soft (for the empty-cell test).
         dropped: soft only: an upper bound on the mean probability the top-k drops.
+        snap_counts: with a snapshot potential h_s (:meth:`StreamAssigner.assign_snapshot`),
+            the argmax counts of the same samples at h_s; ``changed`` is the fraction of
+            samples whose cell differs between h and h_s, ``researched`` the number whose
+            h_s cell was not certified by their top-k and was searched again.
     """
 
     counts: np.ndarray
@@ -62,6 +66,9 @@ class Assignment:
     timings: dict = field(default_factory=dict)
     hard_counts: np.ndarray | None = None
     dropped: float = 0.0
+    snap_counts: np.ndarray | None = None
+    changed: float = 0.0
+    researched: int = 0
 
     def cell_mass(self) -> np.ndarray:
         """μ̂_i = count_i / B."""
@@ -152,16 +159,98 @@ def assignment_from_topk(
     return Assignment(counts, u_sum, len(values), hard_counts=hard.counts, dropped=dropped)
 
 
+def snapshot_winners(
+    values: torch.Tensor, indices: torch.Tensor, h: np.ndarray, h_snap: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's argmax at ``h_snap`` from its exact top-k at ``h``, where provable.
+
+    Scores move by Δ = h_snap − h. The best candidate c* at h_snap wins outright when
+    s_c* + Δ_c* > s_(k) + max Δ, since no target outside the top-k scored above s_(k) at h.
+    Returns (winners (B,), certified (B,) bool); ties among candidates go to the lowest index.
+    """
+    values, indices = torch.as_tensor(values).double(), torch.as_tensor(indices)
+    delta = torch.from_numpy(np.asarray(h_snap, np.float64) - np.asarray(h, np.float64))
+    moved = values + delta[indices]
+    best = moved.max(dim=1, keepdim=True).values
+    big = torch.iinfo(indices.dtype).max
+    winners = torch.where(moved == best, indices, torch.full_like(indices, big)).min(dim=1).values
+    if values.shape[1] >= len(delta):
+        return winners, torch.ones(len(winners), dtype=torch.bool)
+    certified = best[:, 0] > values[:, -1] + float(delta.max())
+    return winners, certified
+
+
 class StreamAssigner:
-    """An assigner built on ``stream_topk``: the exact top-k of every point of a stream."""
+    """An assigner built on ``stream_topk``: the exact top-k of every point of a stream.
+
+    Subclasses provide ``stream_topk`` and, for :meth:`assign_snapshot`, ``source``,
+    ``seed``, ``dim`` and ``search_points``.
+    """
 
     n: int
     chunk: int
+    dim: int
+    source: Source
+    seed: int
+    stream_device: str = "cpu"
 
     def stream_topk(
         self, h: np.ndarray, key: tuple[int, ...], samples: int, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def search_points(self, x: torch.Tensor, h: np.ndarray, k: int):
+        """Exact top-k (values, indices) of arbitrary points x (B, D)."""
+        raise NotImplementedError
+
+    def stream_rows(self, key: tuple[int, ...], samples: int, rows: torch.Tensor) -> torch.Tensor:
+        """The points at positions ``rows`` of the stream, regenerating only their batches."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        out = torch.empty(len(rows), self.dim)
+        b_of = rows // self.chunk
+        for b in torch.unique(b_of).tolist():
+            sel = torch.nonzero(b_of == b).flatten()
+            (x,) = stream_points(
+                self.source,
+                self.seed,
+                key,
+                samples,
+                self.chunk,
+                self.dim,
+                self.stream_device,
+                batches=(b, b + 1),
+            )
+            out[sel] = x.cpu()[rows[sel] - b * self.chunk]
+        return out
+
+    def assign_snapshot(
+        self,
+        h: np.ndarray,
+        h_snap: np.ndarray,
+        key: tuple[int, ...],
+        samples: int,
+        k: int = 4,
+    ) -> Assignment:
+        """Hard statistics at ``h`` plus the argmax counts of the same samples at ``h_snap``.
+
+        One search (top-k at h) serves both: the h_snap cell of a sample is read off its
+        top-k when :func:`snapshot_winners` can prove it, and only the other rows are searched
+        again at h_snap (few, while h_snap stays close to h).
+        """
+        values, indices, timings = self.timed_topk(h, key, samples, k)
+        t0 = time.perf_counter()
+        a = assignment_from_winners(values[:, 0], indices[:, 0], self.n, self.chunk)
+        winners, certified = snapshot_winners(values, indices, h, h_snap)
+        rows = torch.nonzero(~certified).flatten()
+        if len(rows):
+            _, idx = self.search_points(self.stream_rows(key, samples, rows), h_snap, 1)
+            winners[rows] = torch.as_tensor(idx)[:, 0].to(winners.dtype)
+        a.snap_counts = np.bincount(winners.numpy(), minlength=self.n).astype(np.int64)
+        a.changed = float((winners != torch.as_tensor(indices)[:, 0]).double().mean())
+        a.researched = len(rows)
+        timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
+        a.timings = timings
+        return a
 
     def assign(
         self,
@@ -198,7 +287,11 @@ class LocalAssigner(StreamAssigner):
 
     def __init__(self, index: TargetIndex, source: Source, seed: int, chunk: int = 4096):
         self.index, self.source, self.seed, self.chunk = index, source, seed, chunk
-        self.n = index.n
+        self.n, self.dim = index.n, index.dim
+        self.stream_device = str(index.device)
+
+    def search_points(self, x, h, k):
+        return self.index.search(torch.as_tensor(x), torch.from_numpy(np.asarray(h, np.float64)), k)
 
     def stream_topk(self, h, key, samples, k):
         """Exact top-k (values float64, indices) of every point of the stream, (B, k)."""
@@ -234,8 +327,11 @@ class SolverState:
     converged: bool = False
     epsilon: float = 0.0
     metrics: list[dict] = field(default_factory=list)
+    snap_h: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    snap_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    snap_samples: int = 0
 
-    _ARRAYS = ("h", "m", "v", "h_avg")
+    _ARRAYS = ("h", "m", "v", "h_avg", "snap_h", "snap_counts")
 
     def to_bytes(self) -> bytes:
         """Serialise as an ``.npz`` (arrays, plus the scalars and metrics as JSON)."""
@@ -251,7 +347,7 @@ class SolverState:
     def from_bytes(cls, data: bytes) -> SolverState:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             scalars = json.loads(str(z["state"]))
-            arrays = {name: z[name].copy() for name in cls._ARRAYS}
+            arrays = {name: z[name].copy() for name in cls._ARRAYS if name in z.files}
         return cls(**arrays, **scalars)
 
 
@@ -309,6 +405,15 @@ class SDOTSolver:
         epsilon: soft assignments at temperature ε = epsilon × the score gap over each
             sample's top ``soft_k`` cells (0: hard argmax); ε decays by ``epsilon_decay`` at
             each schedule step and is 0 after ``soft_phases`` of them.
+        control_variate: ``snapshot`` estimates the cell masses at h as
+            m̂(h) = [counts_B(h) − counts_B(h_s)] / B + (all counts at h_s since it was taken)
+            / (their samples): the batch only has to measure how the cells moved since the
+            snapshot h_s, while μ(W(h_s)) is averaged over every sample since (an SVRG-style
+            control variate, Johnson & Zhang 2013, whose full gradient accumulates for free:
+            the h_s argmax is read off the same top-``cv_k`` search). A new snapshot is taken
+            at the current h when more than ``cv_refresh`` of a batch changed cells (or more than
+            half of it had to be searched again). Hard
+            phases only (ε = 0). ``none``: plain Monte Carlo counts.
     """
 
     lr: float | None = None
@@ -316,7 +421,7 @@ class SDOTSolver:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-12
     bias_correction: bool = True
-    samples_per_cell: float = 10.0
+    samples_per_cell: float = 2.0
     min_batch: int = 4096
     max_iters: int = 1000
     patience: int = 25
@@ -335,10 +440,20 @@ class SDOTSolver:
     soft_k: int = 8
     soft_phases: int = 2
     stall_rule: Literal["window", "best"] = "window"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    control_variate: Literal["snapshot", "none"] = "snapshot"
+    cv_refresh: float = 0.2
+    cv_k: int = 4
 
     def __post_init__(self) -> None:
         if self.stall_rule not in ("window", "best"):
             raise ValueError(f"stall_rule must be window or best, got {self.stall_rule!r}")
+        if self.control_variate not in ("snapshot", "none"):
+            raise ValueError(
+                f"control_variate must be snapshot or none, got {self.control_variate!r}"
+            )
+        if self.cv_k < 2 or not 0 < self.cv_refresh <= 1:
+            raise ValueError("cv_k ≥ 2 and 0 < cv_refresh ≤ 1 are required")
         if self.averaging not in ("tail", "ema", "none"):
             raise ValueError(f"averaging must be tail, ema or none, got {self.averaging!r}")
         if self.max_iters < 0 or self.min_batch < 1 or self.samples_per_cell <= 0:
@@ -401,15 +516,27 @@ class SDOTSolver:
     def step(self, assigner: Assigner, nu: np.ndarray, state: SolverState) -> dict:
         """One iteration: assign a batch, Adam step, centre, average, schedule, stop test."""
         t0 = time.perf_counter()
-        a = assigner.assign(
-            state.h, (TRAIN_STREAM, state.iteration), state.batch, state.epsilon, self.soft_k
-        )
-        mu = a.cell_mass()
+        key = (TRAIN_STREAM, state.iteration)
+        snapshot = self.control_variate == "snapshot" and state.epsilon == 0
+        if snapshot:
+            if state.snap_samples == 0:
+                state.snap_h, state.snap_counts = state.h.copy(), np.zeros(len(nu))
+            a = assigner.assign_snapshot(state.h, state.snap_h, key, state.batch, self.cv_k)
+            state.snap_counts += a.snap_counts
+            state.snap_samples += a.samples
+            mu = (a.counts - a.snap_counts) / a.samples + state.snap_counts / state.snap_samples
+            a.hard_counts = a.counts
+        else:
+            a = assigner.assign(state.h, key, state.batch, state.epsilon, self.soft_k)
+            mu = a.cell_mass()
         grad = mu - nu
         energy = a.u_sum / a.samples - float(nu @ state.h)
         state.iteration += 1
         state.samples += a.samples
-        self._adam(state, grad)
+        if self.optimizer == "sgd":
+            state.h = state.h - state.lr * grad / np.maximum(nu, 1e-300)
+        else:
+            self._adam(state, grad)
         state.h -= state.h.mean()
         self._average(state)
         grad_l2 = float(np.linalg.norm(grad))
@@ -430,6 +557,14 @@ class SDOTSolver:
             "dropped": a.dropped,
             **a.timings,
         }
+        if snapshot:
+            record.update(
+                cv_changed=a.changed,
+                cv_researched=a.researched,
+                cv_snapshot_samples=state.snap_samples,
+            )
+            if a.changed > self.cv_refresh or a.researched > 0.5 * a.samples:
+                state.snap_samples = 0  # the next iteration takes a new snapshot at h
         self._schedule(state, grad_l2)
         no_empty = errors["empty_frac"] == 0
         state.converged = no_empty and (

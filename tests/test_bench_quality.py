@@ -56,3 +56,22 @@ def test_scripted_denoiser_runs_through_the_torchscript_contract(tmp_path):
     model = load_model(f"torchscript:{path}", Schedule(kind="vp-linear"))
     eps = model.eps(torch.zeros(5, 8), torch.full((5,), 10))
     assert eps.shape == (5, 8) and torch.isfinite(eps).all()
+
+
+def test_thread_count_sets_and_restores_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    with quality.thread_count(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with quality.thread_count(0):  # 0 leaves the library default
+        assert torch.get_num_threads() == before
+
+
+def test_grid_fit_uses_the_demo_settings():
+    from dpmot_dist.demo import GRID_FIT
+
+    sizes = quality.Sizes()
+    assert (sizes.iters_grid, sizes.eval_grid) == (GRID_FIT["iters"], GRID_FIT["eval_samples"])
+    assert GRID_FIT["lr_scale"] >= 0.3 and GRID_FIT["chunk"] >= 32768

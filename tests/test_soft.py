@@ -72,3 +72,49 @@ def test_soft_solver_reaches_exact_1d_optimum():
     assert result.metrics[0]["epsilon"] > 0 and result.metrics[-1]["epsilon"] == 0
     mu = exact.cell_masses_1d_gaussian(y[:, 0].astype(float), result.h)
     assert exact.total_variation(mu, np.full(8, 1 / 8)) < 0.02
+
+
+def _direct_counts(assigner, h, key, samples):
+    _, idx = assigner.stream_topk(h, key, samples, 1)
+    return np.bincount(idx[:, 0].numpy(), minlength=assigner.n)
+
+
+@pytest.mark.parametrize("shift", [0.01, 0.5])
+def test_snapshot_counts_equal_a_direct_search_at_the_snapshot(shift):
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=(300, 6)).astype(np.float32)
+    a = LocalAssigner(TargetIndex(y), Source(), seed=4, chunk=1000)
+    h = rng.normal(scale=0.3, size=300)
+    h_snap = h + rng.normal(scale=shift, size=300)
+    r = a.assign_snapshot(h, h_snap, (0, 3), 5000, k=4)
+    np.testing.assert_array_equal(r.counts, _direct_counts(a, h, (0, 3), 5000))
+    np.testing.assert_array_equal(r.snap_counts, _direct_counts(a, h_snap, (0, 3), 5000))
+    assert 0 < r.changed < 1
+    if shift > 0.1:
+        assert r.researched > 0  # rows the top-4 could not certify were searched again
+
+
+def test_snapshot_counts_on_ray_shards_equal_single_process(tmp_path, ray_local):
+    from dpmot_dist.shards import ShardPool
+
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(120, 5)).astype(np.float32)
+    np.save(tmp_path / "y.npy", y)
+    h, h_snap = rng.normal(scale=0.3, size=120), rng.normal(scale=0.3, size=120)
+    single = LocalAssigner(TargetIndex(y), Source(), seed=1, chunk=512)
+    pool = ShardPool.create(str(tmp_path / "y.npy"), workers=2, seed=1, chunk=512)
+    try:
+        r = pool.assign_snapshot(h, h_snap, (0, 9), 3000, k=3)
+    finally:
+        pool.close()
+    assert r.researched > 0
+    np.testing.assert_array_equal(r.snap_counts, _direct_counts(single, h_snap, (0, 9), 3000))
+
+
+@pytest.mark.parametrize("control_variate", ["snapshot", "none"])
+def test_control_variate_keeps_the_exact_1d_optimum(control_variate):
+    y = np.random.default_rng(1).normal(size=(16, 1))
+    solver = SDOTSolver(max_iters=300, patience=20, control_variate=control_variate)
+    h = solver.solve(LocalAssigner(TargetIndex(y.astype(np.float32)), Source(), 0, 65536)).h
+    mu = exact.cell_masses_1d_gaussian(y[:, 0].astype(np.float32).astype(float), h)
+    assert exact.total_variation(mu, np.full(16, 1 / 16)) <= 0.01

@@ -3,23 +3,29 @@
 The paper's claim measured where it can show (DESIGN §4b): problems on which few-step
 samplers do mix modes.
 
-(a) ``grid2d``: the 2-D grid of 25 Gaussians (std 0.02, spacing 0.5), exact score.
+(a) ``grid2d``: the 2-D grid of 25 Gaussians (std 0.02, spacing 0.5), exact score; its
+    potential is fitted with ``dpmot demo``'s settings (:data:`dpmot_dist.demo.GRID_FIT`).
 (b) ``mixture64``: 10 Gaussians at the unit vectors e_1..e_10 of R^64, their common std
     (the *width*) searched down from 0.1 until DDIM at 10 NFE puts > 10% of its samples
     outside every 99.9% ball; exact score.
-(c) ``mixture64-learned``: (b) seen through a small MLP ε-predictor trained on (b)'s training
-    set for a fixed number of steps, saved with ``torch.jit.script`` and loaded back through
-    ``torchscript:FILE``: model error between modes is in play, as in the paper's setting.
+(c) ``mixture64-learned``: (b) seen through a small MLP denoiser (:class:`EpsMLP`) trained on
+    (b)'s training set for a fixed number of steps, saved with ``torch.jit.script`` and loaded
+    back through ``torchscript:FILE``: model error between modes is in play, as in the
+    paper's setting. (b) and (c) share the training set, hence the targets and the fitted
+    potential (the fit never sees the model): (c) reuses (b)'s fit when both run.
 
 Each problem draws a class-balanced training set (equal counts per mode, like CIFAR-10), so
-the targets' own mode histogram is exact and DPM-OT's mode-weight error measures the fit.
-DPM-OT runs the real pipeline in process: ``run_prepare`` (targets at step M) → ``run_fit``
-(timed; its fresh-sample TV reported) → ``run_sample`` with the ``copy`` and ``interp`` maps
-and M-step DDIM refinement at 5, 10, 20 NFE. Baselines run ``run_sample --from-noise``:
-DDPM 1000 steps, DDIM 10/20/50, DPM-Solver++ 10/20. Columns: mode mixture, mode-weight error
-(:func:`dpmot_dist.metrics.mode_metrics`), sliced W2 to fresh draws, memorisation against the
-training set (reference: fresh draws), and the sampling wall time (the fit's time is
-reported once per problem).
+the data's own mode histogram is exact. DPM-OT's mode-weight error then comes from the fit's
+per-mode mass error, from targets whose step-M noise carries them into a neighbouring mode
+during refinement (on the grid at M = 40 this alone is ≈ 0.02 with 80 points per mode), and
+from the multinomial noise of the samples. DPM-OT runs the real pipeline in process:
+``run_prepare`` (targets at step M) → ``run_fit`` (timed; its fresh-sample TV reported) →
+``run_sample`` with the ``copy`` and ``interp`` maps and M-step DDIM refinement at 5, 10, 20
+NFE. Baselines run ``run_sample --from-noise``: DDPM 1000 steps, DDIM 10/20/50, DPM-Solver++
+10/20. Columns: mode mixture, mode-weight error (:func:`dpmot_dist.metrics.mode_metrics`),
+sliced W2 to fresh draws, memorisation against the training set (reference: fresh draws), and
+the sampling wall time (the fit's time is reported once per problem). The run uses
+``--threads`` (default 1) torch and faiss threads.
 """
 
 from __future__ import annotations
@@ -29,19 +35,23 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from dpmot_dist import metrics
+from dpmot_dist import metrics, storage
+from dpmot_dist.demo import GRID_FIT, grid_mixture
 from dpmot_dist.fit import FitConfig, run_fit
 from dpmot_dist.models import GaussianMixture, GMMDenoiser
 from dpmot_dist.prepare import PrepareConfig, run_prepare
 from dpmot_dist.sample import SampleConfig, read_samples, run_sample
-from dpmot_dist.samplers import SamplerSpec, prior_scale, refine
+from dpmot_dist.samplers import SamplerSpec, diffusers_scheduler, prior_scale, refine
 from dpmot_dist.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -55,13 +65,17 @@ METRICS = ("mode_mixture", "mode_weight_err", "distance", "memorisation")
 class Sizes:
     """How big a run is (``--quick`` shrinks everything)."""
 
-    num: int = 1000  # samples per row
+    num: int = 1000  # samples per row, problems (b), (c)
+    num_grid: int = 4000  # samples per row, problem (a): cheap in 2-D, and its mode-weight
+    # errors are ~0.02 apart, below the ±0.06 multinomial noise of 1000 draws over 25 modes
     per_mode_grid: int = 80  # training points per mode, problem (a)
     per_mode_high: int = 100  # training points per mode, problems (b), (c)
-    iters_grid: int = 300
+    iters_grid: int = GRID_FIT["iters"]  # (a) is fitted as ``dpmot demo`` fits it
+    eval_grid: int = GRID_FIT["eval_samples"]
     iters_high: int = 200
-    eval_samples: int = 1 << 19
+    eval_samples: int = 1 << 19  # (b), (c)
     search_samples: int = 1000  # per width tried in (b)'s search
+    mode_tv_samples: int = 1 << 18  # fresh draws for the fit's per-mode mass error
     train_steps: int = 3000  # MLP steps for (c)
     ddim_nfe: tuple[int, ...] = (10, 20, 50)
     solver_nfe: tuple[int, ...] = (10, 20)
@@ -70,12 +84,15 @@ class Sizes:
 
 QUICK = Sizes(
     num=200,
+    num_grid=200,
     per_mode_grid=16,
     per_mode_high=20,
     iters_grid=30,
+    eval_grid=1 << 15,
     iters_high=30,
     eval_samples=1 << 15,
     search_samples=200,
+    mode_tv_samples=1 << 13,
     train_steps=50,
     ddim_nfe=(10,),
     solver_nfe=(10,),
@@ -96,8 +113,6 @@ class Problem:
 
 
 def grid_problem() -> Problem:
-    from dpmot_dist.demo import grid_mixture
-
     return Problem("grid2d", grid_mixture(), notes={"std": 0.02, "spacing": 0.5})
 
 
@@ -144,41 +159,84 @@ def balanced_draws(mixture: GaussianMixture, per_mode: int, seed: int) -> np.nda
 
 
 class EpsMLP(nn.Module):
-    """ε̂(x_t, t): an MLP on [x_t, sinusoidal embedding of t / T] (SiLU, residual blocks)."""
+    """ε̂(x_t, t) of an MLP x̂_0 network with the preconditioning of Karras et al. (2022).
 
-    def __init__(self, dim: int, width: int = 256, depth: int = 3, freqs: int = 16) -> None:
+    With σ = s_t/a_t and x̃ = x_t/a_t = x_0 + σ ε, the network F (SiLU residual blocks on
+    [c_in x̃, sinusoidal embedding of log σ]) gives x̂_0 = c_skip x̃ + c_out F, and the module
+    returns ε̂ = (x̃ − x̂_0)/σ, so that the ``torchscript:`` ε contract holds and a sampler's
+    x̂_0 is the network's own. F's regression target has unit variance at every noise level,
+    which lets a small MLP trained for a few thousand steps denoise a tight mixture at all.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        alphas_cumprod: np.ndarray,
+        sigma_data: float,
+        width: int = 256,
+        depth: int = 3,
+        freqs: int = 16,
+    ) -> None:
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(1000.0), freqs)))
+        ab = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
+        self.register_buffer("a", ab.sqrt().float())
+        self.register_buffer("sigma", ((1 - ab) / ab).sqrt().float())
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(100.0), freqs)))
+        self.sigma_data = float(sigma_data)
         self.inp = nn.Linear(dim + 2 * freqs, width)
         self.blocks = nn.ModuleList(
             [nn.Sequential(nn.SiLU(), nn.Linear(width, width)) for _ in range(depth)]
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        arg = (t.to(x.dtype) / 1000.0)[:, None] * self.freqs[None]
-        h = self.inp(torch.cat([x, torch.sin(arg), torch.cos(arg)], dim=1))
+    def precondition(
+        self, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(σ, c_in, c_skip, c_out), each (B, 1), at integer timesteps t."""
+        sigma = self.sigma[t][:, None]
+        sd2 = self.sigma_data * self.sigma_data
+        norm = torch.rsqrt(sigma * sigma + sd2)
+        return sigma, norm, sd2 * norm * norm, sigma * self.sigma_data * norm
+
+    def net(self, x_tilde: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """F(c_in x̃, log σ)."""
+        sigma, c_in, _, _ = self.precondition(t)
+        arg = torch.log(sigma) * self.freqs[None]
+        h = self.inp(torch.cat([c_in * x_tilde, torch.sin(arg), torch.cos(arg)], dim=1))
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
 
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma, _, c_skip, c_out = self.precondition(t)
+        x_tilde = x / self.a[t][:, None]
+        x0 = c_skip * x_tilde + c_out * self.net(x_tilde, t)
+        return (x_tilde - x0) / sigma
+
 
 def train_denoiser(data: np.ndarray, steps: int, seed: int, batch: int = 256) -> EpsMLP:
-    """ε-prediction (Ho et al. 2020, L_simple) on ``data`` under the VP linear schedule."""
+    """Fit :class:`EpsMLP` to ``data`` under the VP linear schedule (Adam, cosine decay).
+
+    Each step draws a batch of data points, noise levels log σ ~ N(−1.2, 1.2²) (Karras et al.
+    2022) rounded to the nearest schedule step, and regresses F on its unit-variance target
+    (x_0 − c_skip x̃)/c_out: the x̂_0 loss weighted by 1/c_out².
+    """
     torch.manual_seed(seed)
     schedule = Schedule(kind="vp-linear")
-    ab = torch.tensor(np.asarray(schedule.alphas_cumprod), dtype=torch.float32)
-    x0 = torch.from_numpy(data)
-    net = EpsMLP(data.shape[1])
+    x0 = torch.from_numpy(np.asarray(data, np.float32))
+    sigma_data = float(x0.var(0).mean().sqrt())
+    net = EpsMLP(x0.shape[1], schedule.alphas_cumprod, sigma_data)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
     for _ in range(steps):
         i = torch.randint(len(x0), (batch,), generator=gen)
-        t = torch.randint(len(ab), (batch,), generator=gen)
-        eps = torch.randn(batch, x0.shape[1], generator=gen)
-        a = ab[t, None]
-        loss = (net(a.sqrt() * x0[i] + (1 - a).sqrt() * eps, t) - eps).square().mean()
+        log_sigma = -1.2 + 1.2 * torch.randn(batch, generator=gen)
+        t = torch.searchsorted(net.sigma, log_sigma.exp()).clamp(0, len(net.sigma) - 1)
+        _, _, c_skip, c_out = net.precondition(t)
+        x_tilde = x0[i] + net.sigma[t][:, None] * torch.randn(batch, x0.shape[1], generator=gen)
+        loss = (net.net(x_tilde, t) - (x0[i] - c_skip * x_tilde) / c_out).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,28 +250,40 @@ def train_denoiser(data: np.ndarray, steps: int, seed: int, batch: int = 256) ->
 
 
 def sample_rows(
-    problem: Problem, work: Path, data: np.ndarray, sizes: Sizes, seed: int, fit_info: dict
+    problem: Problem,
+    work: Path,
+    fit_work: Path,
+    data: np.ndarray,
+    num: int,
+    seed: int,
+    fit_info: dict,
+    sizes: Sizes,
 ) -> list[dict]:
-    """Every method's row of the table for ``problem``."""
+    """Every method's row of the table for ``problem``, written under ``work``.
+
+    The targets and fitted potential are those in ``fit_work``.
+    """
     gen = torch.Generator().manual_seed(seed + 7)
-    fresh = problem.mixture.sample(sizes.num, gen).numpy()
-    fresh_mem = problem.mixture.sample(max(sizes.num, 2000), gen).numpy()
+    fresh = problem.mixture.sample(num, gen).numpy()
+    fresh_mem = problem.mixture.sample(max(num, 2000), gen).numpy()
     reference = metrics.nearest_distances(fresh_mem, data)
     threshold = float(np.quantile(reference, 0.01))
-    targets, fit = str(work / "targets"), str(work / "fit")
+    targets, fit = str(fit_work / "targets"), str(fit_work / "fit")
     runs = [("DDPM", "ddpm", None, {"from_noise": True})]
     runs += [("DDIM", "ddim", k, {"from_noise": True}) for k in sizes.ddim_nfe]
     runs += [("DPM-Solver++", "dpm-solver++", k, {"from_noise": True}) for k in sizes.solver_nfe]
     for m in ("copy", "interp"):
         runs += [(f"DPM-OT {m}", "ddim", k, {"potential": fit, "map": m}) for k in sizes.ot_nfe]
+    diffusers_scheduler("ddim", Schedule(kind="vp-linear"), 10)  # imports diffusers untimed
     rows = []
     for method, sampler, nfe, extra in runs:
-        folder = work / f"samples-{method.lower().replace(' ', '-').replace('+', 'p')}-{nfe}"
+        name = method.lower().replace(" ", "-").replace("+", "p")
+        folder = work / f"samples-{name}-{nfe}"
         t0 = time.perf_counter()
         summary = run_sample(
             SampleConfig(
                 model=problem.model,
-                num=sizes.num,
+                num=num,
                 out=str(folder),
                 sampler=sampler,
                 nfe=nfe,
@@ -244,22 +314,41 @@ def sample_rows(
     return rows
 
 
-def run_problem(problem: Problem, work: Path, per_mode: int, iters: int, sizes: Sizes, seed: int):
-    """Data → targets → fit → every row; returns the problem's JSON entry."""
+def run_problem(
+    problem: Problem,
+    work: Path,
+    sizes: Sizes,
+    seed: int,
+    *,
+    per_mode: int,
+    num: int,
+    fit_options: dict,
+    shared: tuple[Path, dict] | None = None,
+) -> dict:
+    """Data → targets → fit → every row; returns the problem's JSON entry.
+
+    ``shared`` (folder, fit info) of a problem run on the same training set: its targets and
+    fitted potential are used as they are (the fit depends on the data only, not the model).
+    """
     work.mkdir(parents=True, exist_ok=True)
     data = balanced_draws(problem.mixture, per_mode, seed)
     np.save(work / "data.npy", data)
     if not problem.model:
         problem.mixture.save(str(work / "gmm.npz"))
         problem.model = f"gmm:{work / 'gmm.npz'}"
-    fit_info = prepare_and_fit(work, iters, sizes, seed)
-    rows = sample_rows(problem, work, data, sizes, seed, fit_info)
+    if shared is not None and np.array_equal(np.load(shared[0] / "data.npy"), data):
+        fit_work, fit_info = shared[0], {**shared[1], "shared_with": shared[0].name}
+    else:
+        fit_work, fit_info = work, prepare_and_fit(work, seed, fit_options)
+        fit_info["mode_tv"] = fit_mode_tv(fit_work, problem.mixture, data, sizes.mode_tv_samples)
+    rows = sample_rows(problem, work, fit_work, data, num, seed, fit_info, sizes)
     return {
         "name": problem.name,
         "model": problem.model,
         "dim": problem.mixture.dim,
         "modes": len(problem.mixture.weights),
         "train_points": len(data),
+        "num": num,
         "step": STEP,
         "fit": fit_info,
         **problem.notes,
@@ -267,8 +356,34 @@ def run_problem(problem: Problem, work: Path, per_mode: int, iters: int, sizes: 
     }
 
 
-def prepare_and_fit(work: Path, iters: int, sizes: Sizes, seed: int) -> dict:
-    """Targets at step M and the fitted h, in process; the fit's time and fresh-sample TV."""
+def fit_mode_tv(fit_work: Path, mixture: GaussianMixture, data: np.ndarray, samples: int) -> float:
+    """TV between the mixture weights and the fitted cell masses summed per mode.
+
+    Cell masses are counted over ``samples`` fresh N(0, I) draws (the fit's source); target
+    i belongs to the mode of data point i (prepare keeps the row order). This is the part of
+    DPM-OT's mode-weight error that the fit is responsible for.
+    """
+    from dpmot_dist.search import TargetIndex
+
+    y = storage.load_targets(str(fit_work / "targets"))
+    h = torch.from_numpy(np.load(fit_work / "fit" / "h.npy").astype(np.float64))
+    index = TargetIndex(y)
+    gen = torch.Generator().manual_seed(12345)
+    counts = np.zeros(len(y))
+    for start in range(0, samples, 1 << 15):
+        x = torch.randn(min(1 << 15, samples - start), y.shape[1], generator=gen)
+        _, i = index.search(x, h, 1)
+        counts += np.bincount(np.asarray(i)[:, 0], minlength=len(y))
+    mode = metrics.mahalanobis2(data, mixture.means, mixture.stds).argmin(1)
+    mass = np.bincount(mode, weights=counts / max(counts.sum(), 1), minlength=len(mixture.weights))
+    return 0.5 * float(np.abs(mass - mixture.weights).sum())
+
+
+def prepare_and_fit(work: Path, seed: int, fit_options: dict) -> dict:
+    """Targets at step M and the fitted h, in process; the fit's time and fresh-sample TV.
+
+    ``fit_options``: :class:`~dpmot_dist.fit.FitConfig` fields (iters, eval_samples, ...).
+    """
     t0 = time.perf_counter()
     run_prepare(
         PrepareConfig(
@@ -286,11 +401,10 @@ def prepare_and_fit(work: Path, iters: int, sizes: Sizes, seed: int) -> dict:
         FitConfig(
             targets=str(work / "targets"),
             out=str(work / "fit"),
-            iters=iters,
             workers=0,
             seed=seed,
             overwrite=True,
-            eval_samples=sizes.eval_samples,
+            **fit_options,
         )
     )
     ev = result.evaluation if result is not None else {}
@@ -300,6 +414,7 @@ def prepare_and_fit(work: Path, iters: int, sizes: Sizes, seed: int) -> dict:
         "iterations": result.iterations if result is not None else None,
         "fresh_sample_tv": ev.get("tv"),
         "tv_noise_floor": ev.get("tv_noise_floor"),
+        "options": dict(fit_options),
     }
 
 
@@ -307,12 +422,19 @@ def run_benchmark(out: Path, sizes: Sizes, problems: list[str], seed: int = 0) -
     """The selected problems, in order; the whole report (also written as JSON)."""
     out.mkdir(parents=True, exist_ok=True)
     report = {"problems": []}
-    high = None
+    high, shared = None, None
     for name in problems:
         t0 = time.perf_counter()
         if name == "grid2d":
+            grid_fit = {**GRID_FIT, "iters": sizes.iters_grid, "eval_samples": sizes.eval_grid}
             entry = run_problem(
-                grid_problem(), out / name, sizes.per_mode_grid, sizes.iters_grid, sizes, seed
+                grid_problem(),
+                out / name,
+                sizes,
+                seed,
+                per_mode=sizes.per_mode_grid,
+                num=sizes.num_grid,
+                fit_options=grid_fit,
             )
         else:
             if high is None:
@@ -324,8 +446,17 @@ def run_benchmark(out: Path, sizes: Sizes, problems: list[str], seed: int = 0) -
                     problem.mixture, out / name, sizes, seed
                 )
             entry = run_problem(
-                problem, out / name, sizes.per_mode_high, sizes.iters_high, sizes, seed
+                problem,
+                out / name,
+                sizes,
+                seed,
+                per_mode=sizes.per_mode_high,
+                num=sizes.num,
+                fit_options={"iters": sizes.iters_high, "eval_samples": sizes.eval_samples},
+                shared=shared,
             )
+            if shared is None:  # (b) and (c) share the training set, hence targets and fit
+                shared = (out / name, entry["fit"])
         entry["seconds"] = time.perf_counter() - t0
         report["problems"].append(entry)
         (out / "quality.json").write_text(json.dumps(report, indent=2))
@@ -342,7 +473,9 @@ def learned_model(mixture: GaussianMixture, work: Path, sizes: Sizes, seed: int)
     net = train_denoiser(data, sizes.train_steps, seed)
     seconds = time.perf_counter() - t0
     path = work / "denoiser.pt"
-    torch.jit.save(torch.jit.script(net), str(path))
+    with warnings.catch_warnings():  # torch ≥ 2.9 deprecates TorchScript; it is the contract
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(net), str(path))
     return f"torchscript:{path}", {"steps": sizes.train_steps, "seconds": seconds}
 
 
@@ -356,10 +489,13 @@ def format_report(report: dict) -> str:
     for p in report["problems"]:
         fit = p["fit"]
         head = f"### {p['name']} (D={p['dim']}, {p['modes']} modes, {p['model'].split(':')[0]})"
+        shared = f" (shared with {fit['shared_with']})" if "shared_with" in fit else ""
         info = (
-            f"training points {p['train_points']}, targets at step {p['step']}; fit "
-            f"{fit['seconds']:.1f} s, {fit['iterations']} iterations, fresh-sample TV "
-            f"{_num(fit['fresh_sample_tv'])} (noise floor {_num(fit['tv_noise_floor'])})"
+            f"{p['num']} samples per row; training points {p['train_points']} (balanced), "
+            f"targets at step {p['step']}; fit{shared} {fit['seconds']:.1f} s, "
+            f"{fit['iterations']} iterations, fresh-sample TV {_num(fit['fresh_sample_tv'])} "
+            f"(noise floor {_num(fit['tv_noise_floor'])}), per-mode mass TV "
+            f"{_num(fit.get('mode_tv'))}"
         )
         if "radius" in p:
             info += f"; width (std) {p['std']:g} at radius 1"
@@ -432,8 +568,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--problems", default=",".join(PROBLEMS), help=f"comma-separated subset of {PROBLEMS}"
     )
-    parser.add_argument("--num", type=int, help="samples per row")
+    parser.add_argument("--num", type=int, help="samples per row (every problem)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and faiss threads for the run (default 1: robust on a shared machine, "
+        "where spinning OpenMP threads can slow small kernels many-fold; 0: library default)",
+    )
+
+
+@contextmanager
+def thread_count(n: int) -> Iterator[None]:
+    """torch's and faiss's (OpenMP) intra-op threads set to ``n`` for the block (0: as is)."""
+    if n <= 0:
+        yield
+        return
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    before = torch.get_num_threads(), faiss.omp_get_max_threads() if faiss else None
+    torch.set_num_threads(n)
+    if faiss:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        if faiss:
+            faiss.omp_set_num_threads(before[1])
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -445,11 +610,16 @@ def cli_main(args: argparse.Namespace) -> int:
         raise DpmotError(f"--problems: unknown {unknown or 'none given'}; choose from {PROBLEMS}")
     sizes = QUICK if args.quick else Sizes()
     if args.num:
-        sizes = Sizes(**{**sizes.__dict__, "num": args.num})
+        sizes = replace(sizes, num=args.num, num_grid=args.num)
     out = Path(args.out or f"dpmot-bench-quality-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    report = run_benchmark(out, sizes, problems, args.seed)
+    t0 = time.perf_counter()
+    with thread_count(args.threads):
+        report = run_benchmark(out, sizes, problems, args.seed)
+    report["seconds"] = time.perf_counter() - t0
+    report["threads"] = args.threads
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
-    print(f"\ntables, plots and JSON in {out}")
+    print(f"\nfinished in {report['seconds']:.0f} s; tables, plots and JSON in {out}")
     if args.json:
         print(json_line(report))
     return 0
