@@ -75,3 +75,4 @@ def test_grid_fit_uses_the_demo_settings():
     sizes = quality.Sizes()
     assert (sizes.iters_grid, sizes.eval_grid) == (GRID_FIT["iters"], GRID_FIT["eval_samples"])
     assert GRID_FIT["lr_scale"] >= 0.3 and GRID_FIT["chunk"] >= 32768
+    assert GRID_FIT["samples_per_cell"] >= 10
