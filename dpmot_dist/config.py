@@ -71,12 +71,19 @@ def _flag_type(annotation: Any) -> tuple[Any, list | None]:
     return str, None
 
 
+def _is_bool(annotation: Any) -> bool:
+    """``bool`` or ``bool | None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(annotation) if a is not type(None)] == [bool]
+    return annotation is bool
+
+
 def add_model_flags(parser: argparse.ArgumentParser, model: type[Config]) -> None:
     """Add ``--field-name`` for every field of ``model`` (default None: 'not given')."""
     for name, info in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = info.description or ""
-        if info.annotation is bool:
+        if _is_bool(info.annotation):
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

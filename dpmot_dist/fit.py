@@ -26,7 +26,7 @@ from dpmot_dist import __version__, storage
 from dpmot_dist.config import Config, add_model_flags, config_from_args
 from dpmot_dist.shards import ShardPool
 from dpmot_dist.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
-from dpmot_dist.sources import Source
+from dpmot_dist.sources import Source, default_qmc
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,11 @@ class FitConfig(Config):
     out: str = Field(description="output folder URI")
     weights: str | None = Field(None, description=".npy of N non-negative target weights")
     source: Literal["gaussian", "uniform"] = Field("gaussian", description="source measure μ")
-    qmc: bool = Field(False, description="scrambled Sobol source points")
+    qmc: bool | None = Field(
+        None,
+        description="scrambled Sobol source points (default: on for D ≤ 16, where randomised "
+        "QMC beats Monte Carlo, off above)",
+    )
     seed: int = 0
     iters: int = Field(1000, ge=0, description="iteration cap")
     workers: int = Field(0, ge=0, description="Ray shard actors (0: in process)")
@@ -167,6 +171,11 @@ def load_state(cfg: FitConfig) -> SolverState | None:
     return state
 
 
+def fit_source(cfg: FitConfig, dim: int) -> Source:
+    """The source measure of the fit (``qmc`` unset: Sobol iff D ≤ QMC_MAX_DIM)."""
+    return Source(kind=cfg.source, qmc=default_qmc(dim) if cfg.qmc is None else cfg.qmc)
+
+
 def run_fit(cfg: FitConfig) -> SDOTResult | None:
     """Fit h for ``cfg`` and write the output folder; returns the solver's result.
 
@@ -181,7 +190,7 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
     state = load_state(cfg)
     if cfg.workers:
         ensure_ray()
-    source = Source(kind=cfg.source, qmc=cfg.qmc)
+    source = fit_source(cfg, dim)
     pool = ShardPool.create(
         cfg.targets,
         workers=cfg.workers,
@@ -254,7 +263,7 @@ def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int) -> None
         "targets": cfg.targets,
         "weights": cfg.weights,
         "source": cfg.source,
-        "qmc": cfg.qmc,
+        "qmc": fit_source(cfg, dim).qmc,
         "seed": cfg.seed,
         "iterations": result.iterations,
         "samples": result.samples,

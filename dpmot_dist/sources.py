@@ -17,6 +17,17 @@ import torch
 SourceKind = Literal["gaussian", "uniform"]
 _SOBOL_MAX_DIM = 21201
 _U_EPS = 1e-7
+# Randomised QMC integrates a cell's indicator with variance O(n^(-1-1/D)) against Monte
+# Carlo's O(1/n) (Owen 1997; the indicator of a set with a smooth boundary): for a batch of
+# 2^13 points that is ~90× less in D = 2 and no gain worth measuring in D = 32 (bench solver:
+# same TV at 1M and 3M samples on the clustered N=1,000, D=32 problem). By default the source
+# is Sobol up to this dimension and Monte Carlo above it.
+QMC_MAX_DIM = 16
+
+
+def default_qmc(dim: int) -> bool:
+    """Whether the source draws scrambled Sobol points by default in dimension ``dim``."""
+    return dim <= QMC_MAX_DIM
 
 
 def stream_seed(seed: int, *keys: int) -> int:

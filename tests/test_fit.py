@@ -47,7 +47,20 @@ def test_fit_writes_contract_outputs(targets, tmp_path):
     assert keys <= set(json.loads(lines[0]))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "potential" and manifest["n"] == 300
+    assert manifest["qmc"] is True  # D = 8: Sobol by default
     assert (out / "_SUCCESS").exists()
+
+
+def test_qmc_default_depends_on_dimension_and_flag_overrides(targets, tmp_path):
+    from dpmot_dist.fit import fit_source
+
+    cfg = FitConfig(targets=targets, out=str(tmp_path / "x"))
+    assert fit_source(cfg, 2).qmc and fit_source(cfg, 16).qmc and not fit_source(cfg, 17).qmc
+    assert not fit_source(cfg.model_copy(update={"qmc": False}), 2).qmc
+    assert fit_source(cfg.model_copy(update={"qmc": True}), 4096).qmc
+    out = tmp_path / "fit"
+    assert main(["fit", "--targets", targets, "--out", str(out), *FAST, "--no-qmc"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["qmc"] is False
 
 
 def test_existing_output_needs_overwrite(targets, tmp_path):

@@ -3,10 +3,12 @@
 For each problem, (a) the reference code's schedule (DESIGN §5: Adam without bias correction,
 10 samples per cell, ×2 samples and ×0.8 step after 50 stalled iterations, at most 3 times,
 the last iterate, lr the best of a grid) and (b) this project's default solver run on the
-same source stream. Their potential is snapshot when the samples used cross each budget, and
-its accuracy is the TV of the cell masses: exact (2-D uniform square, by polygon clipping) or
-measured on a fresh evaluation sample whose noise floor sqrt(N / 2πB) is at most a third of
-the reported TV. ``sample_ratio`` = reference's samples ÷ ours to reach the reference's final
+same source (ours draws scrambled Sobol points where that is the default, D ≤ 16; the
+reference, like the DPM-OT reference code, plain random points unless ``--reference-qmc``).
+Their potential is snapshot when the samples used cross each budget, and its accuracy is the
+TV of the cell masses: exact (2-D uniform square, by polygon clipping) or measured on a
+fresh evaluation sample whose noise floor sqrt(N / 2πB) is at most a third of the reported
+TV. ``sample_ratio`` = reference's samples ÷ ours to reach the reference's final
 TV, interpolating log TV against log samples between our budgets.
 """
 
@@ -28,7 +30,7 @@ from dpmot_dist.solver import (
     SDOTSolver,
     tv_noise_floor,
 )
-from dpmot_dist.sources import Source
+from dpmot_dist.sources import Source, default_qmc
 
 REFERENCE = SDOTSolver(
     bias_correction=False,
@@ -100,10 +102,21 @@ def accuracy(problem: Problem, assigner: LocalAssigner, h: np.ndarray, eval_samp
 
 
 def run_method(
-    problem: Problem, solver: SDOTSolver, budgets: list[int], eval_samples: int, seed: int = 0
+    problem: Problem,
+    solver: SDOTSolver,
+    budgets: list[int],
+    eval_samples: int,
+    seed: int = 0,
+    qmc: bool = False,
 ) -> list[dict]:
-    """TV of ``solver``'s potential each time its samples cross a budget."""
-    assigner = LocalAssigner(TargetIndex(problem.y), Source(kind=problem.source), seed, chunk=8192)
+    """TV of ``solver``'s potential each time its samples cross a budget.
+
+    The solver draws its batches from the problem's source (scrambled Sobol when ``qmc``);
+    the evaluation sample is always plain Monte Carlo, so its noise floor formula holds.
+    """
+    index = TargetIndex(problem.y)
+    assigner = LocalAssigner(index, Source(kind=problem.source, qmc=qmc), seed, chunk=8192)
+    evaluator = LocalAssigner(index, Source(kind=problem.source), seed, chunk=8192)
     nu = np.full(problem.n, 1.0 / problem.n)
     state = solver.init_state(assigner)
     out = []
@@ -111,7 +124,7 @@ def run_method(
     while pending:
         solver.step(assigner, nu, state)
         while pending and state.samples >= pending[0]:
-            tv, floor = accuracy(problem, assigner, solver.potential(state), eval_samples)
+            tv, floor = accuracy(problem, evaluator, solver.potential(state), eval_samples)
             out.append(
                 {"budget": pending.pop(0), "samples": state.samples, "tv": tv, "noise_floor": floor}
             )
@@ -139,19 +152,29 @@ def lr_grid(problem: Problem, scales: list[float]) -> list[float]:
 
 
 def bench_problem(
-    problem: Problem, ours: SDOTSolver, budgets: list[int], scales: list[float], log
+    problem: Problem,
+    ours: SDOTSolver,
+    budgets: list[int],
+    scales: list[float],
+    log,
+    reference_qmc: bool = False,
 ) -> dict:
     eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
     best = None
     for lr in lr_grid(problem, scales):
         t0 = time.perf_counter()
-        curve = run_method(problem, replace(REFERENCE, lr=lr), budgets[-1:], eval_samples)
+        curve = run_method(
+            problem, replace(REFERENCE, lr=lr), budgets[-1:], eval_samples, qmc=reference_qmc
+        )
         log(f"  reference lr {lr:.4g}: TV {curve[-1]['tv']:.4f} ({time.perf_counter() - t0:.0f} s)")
         if best is None or curve[-1]["tv"] < best[1]:
             best = (lr, curve[-1]["tv"])
-    ref = run_method(problem, replace(REFERENCE, lr=best[0]), budgets, eval_samples)
+    ref = run_method(
+        problem, replace(REFERENCE, lr=best[0]), budgets, eval_samples, qmc=reference_qmc
+    )
     ours_budgets = sorted({*budgets, *[b // 10 for b in budgets], *[b // 30 for b in budgets]})
-    mine = run_method(problem, ours, ours_budgets, eval_samples)
+    qmc = default_qmc(problem.y.shape[1])
+    mine = run_method(problem, ours, ours_budgets, eval_samples, qmc=qmc)
     target = ref[-1]["tv"]
     needed = samples_to_reach(mine, target)
     by_budget = {c["budget"]: c for c in mine}
@@ -160,6 +183,8 @@ def bench_problem(
         "n": problem.n,
         "dim": int(problem.y.shape[1]),
         "source": problem.source,
+        "ours_qmc": qmc,
+        "reference_qmc": reference_qmc,
         "reference_lr": best[0],
         "budgets": [
             {
@@ -210,6 +235,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-scales", default="0.03,0.1,0.3", help="reference lr grid × gap")
     parser.add_argument("--quick", action="store_true", help="small problems only")
     parser.add_argument("--png", default="bench-solver.png", help="plot path")
+    parser.add_argument(
+        "--reference-qmc",
+        action="store_true",
+        help="the reference draws scrambled Sobol points too (as pyOMT does; the DPM-OT "
+        "reference code draws plain uniform random points)",
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -220,7 +251,14 @@ def cli_main(args: argparse.Namespace) -> int:
     report = {"problems": []}
     for problem in problems(args.quick):
         print(f"{problem.name}: N={problem.n}, D={problem.y.shape[1]}", flush=True)
-        r = bench_problem(problem, ours, budgets, scales, lambda s: print(s, flush=True))
+        r = bench_problem(
+            problem,
+            ours,
+            budgets,
+            scales,
+            lambda s: print(s, flush=True),
+            reference_qmc=args.reference_qmc,
+        )
         report["problems"].append(r)
         for b in r["budgets"]:
             print(
