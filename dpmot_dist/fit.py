@@ -60,7 +60,7 @@ class FitConfig(Config):
     lr: float | None = Field(None, gt=0, description="Adam step (default: lr_scale × score gap)")
     lr_scale: float = Field(0.1, gt=0)
     samples_per_cell: float = Field(2.0, gt=0)
-    min_batch: int = Field(4096, ge=1)
+    min_batch: int = Field(1024, ge=1)
     patience: int = Field(25, ge=1)
     growth: float = Field(2.0, ge=1)
     lr_decay: float = Field(0.5, gt=0, le=1)

@@ -396,7 +396,10 @@ class SDOTSolver:
     Attributes:
         lr: Adam step size; ``None`` sets it to ``lr_scale`` × the median gap between the
             best and second-best score of a source sample at h = 0 (scale-free).
-        samples_per_cell: initial batch is max(min_batch, samples_per_cell · N).
+        samples_per_cell: initial batch is max(min_batch, samples_per_cell · N). Small
+            batches early buy iterations, which the transient needs more than precision
+            (bench solver, 2-D square N=100: TV 0.031 after 100k samples with min_batch 1,024
+            against 0.35 with 4,096); the stall rule grows the batch when noise dominates.
         averaging: ``tail`` (polynomial-decay average since the last schedule change,
             power ``tail_power``), ``ema`` (decay ``ema_decay``) or ``none``.
         tol_grad, tol_tv: stop when ‖ĝ‖₂ (resp. the batch TV) falls below it with no empty
@@ -422,7 +425,7 @@ class SDOTSolver:
     adam_eps: float = 1e-12
     bias_correction: bool = True
     samples_per_cell: float = 2.0
-    min_batch: int = 4096
+    min_batch: int = 1024
     max_iters: int = 1000
     patience: int = 25
     growth: float = 2.0

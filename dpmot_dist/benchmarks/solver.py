@@ -160,15 +160,29 @@ def bench_problem(
     reference_qmc: bool = False,
 ) -> dict:
     eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
-    best = None
-    for lr in lr_grid(problem, scales):
+    tried: dict[float, float] = {}
+
+    def try_lr(lr: float) -> None:
         t0 = time.perf_counter()
         curve = run_method(
             problem, replace(REFERENCE, lr=lr), budgets[-1:], eval_samples, qmc=reference_qmc
         )
-        log(f"  reference lr {lr:.4g}: TV {curve[-1]['tv']:.4f} ({time.perf_counter() - t0:.0f} s)")
-        if best is None or curve[-1]["tv"] < best[1]:
-            best = (lr, curve[-1]["tv"])
+        tried[lr] = curve[-1]["tv"]
+        log(f"  reference lr {lr:.4g}: TV {tried[lr]:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+    grid = lr_grid(problem, scales)
+    for lr in grid:
+        try_lr(lr)
+    # a best step size on the edge of the grid may not be the best: extend the grid past
+    # that edge (by the grid's own ratio, at most twice) until the best is inside it
+    ratio = grid[-1] / grid[0] if len(grid) > 1 else 3.0
+    ratio = ratio ** (1 / max(1, len(grid) - 1))
+    for _ in range(2):
+        lo, hi, best_lr = min(tried), max(tried), min(tried, key=tried.get)
+        if len(tried) > 1 and best_lr not in (lo, hi):
+            break
+        try_lr(best_lr / ratio if best_lr == lo else best_lr * ratio)
+    best = min(tried.items(), key=lambda item: item[1])
     ref = run_method(
         problem, replace(REFERENCE, lr=best[0]), budgets, eval_samples, qmc=reference_qmc
     )
@@ -186,6 +200,7 @@ def bench_problem(
         "ours_qmc": qmc,
         "reference_qmc": reference_qmc,
         "reference_lr": best[0],
+        "reference_lr_grid": [{"lr": lr, "tv": tv} for lr, tv in sorted(tried.items())],
         "budgets": [
             {
                 "samples": r["budget"],
@@ -232,7 +247,11 @@ def plot(report: dict, png: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="1e6,3e6,1e7", help="sample budgets")
-    parser.add_argument("--lr-scales", default="0.03,0.1,0.3", help="reference lr grid × gap")
+    parser.add_argument(
+        "--lr-scales",
+        default="0.03,0.1,0.3",
+        help="reference lr grid × score gap (extended past an edge that holds the best)",
+    )
     parser.add_argument("--quick", action="store_true", help="small problems only")
     parser.add_argument("--png", default="bench-solver.png", help="plot path")
     parser.add_argument(
