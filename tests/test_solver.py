@@ -9,15 +9,16 @@ import pytest
 from dpmot_dist import exact
 from dpmot_dist.search import TargetIndex
 from dpmot_dist.solver import EVAL_STREAM, LocalAssigner, SDOTSolver, SolverState
-from dpmot_dist.sources import Source
+from dpmot_dist.sources import Source, default_qmc
 
 FAST = {"max_iters": 300, "patience": 20}
 
 
-def assigner(y, kind="gaussian", seed=0, chunk=65536, qmc=False):
-    return LocalAssigner(
-        TargetIndex(np.asarray(y, np.float32)), Source(kind=kind, qmc=qmc), seed=seed, chunk=chunk
-    )
+def assigner(y, kind="gaussian", seed=0, chunk=65536, qmc=None):
+    """The solver's default source for y's dimension (Sobol for D ≤ 16) unless ``qmc``."""
+    y = np.asarray(y, np.float32)
+    qmc = default_qmc(y.shape[1]) if qmc is None else qmc
+    return LocalAssigner(TargetIndex(y), Source(kind=kind, qmc=qmc), seed=seed, chunk=chunk)
 
 
 @pytest.mark.parametrize("seed", [1, 3])
@@ -78,7 +79,7 @@ def test_stall_grows_batch_and_decays_lr():
     lrs = sorted({m["lr"] for m in result.metrics}, reverse=True)
     batches = sorted({m["batch"] for m in result.metrics})
     assert len(lrs) == 3 and lrs[1] == pytest.approx(lrs[0] * 0.5)
-    assert batches == [4096, 8192, 16384]
+    assert batches == [1024, 2048, 4096]
 
 
 def test_tolerance_stops_early():
