@@ -18,10 +18,11 @@ SourceKind = Literal["gaussian", "uniform"]
 _SOBOL_MAX_DIM = 21201
 _U_EPS = 1e-7
 # Randomised QMC integrates a cell's indicator with variance O(n^(-1-1/D)) against Monte
-# Carlo's O(1/n) (Owen 1997; the indicator of a set with a smooth boundary): for a batch of
-# 2^13 points that is ~90× less in D = 2 and no gain worth measuring in D = 32 (bench solver:
-# same TV at 1M and 3M samples on the clustered N=1,000, D=32 problem). By default the source
-# is Sobol up to this dimension and Monte Carlo above it.
+# Carlo's O(1/n) (Owen 1997; the indicator of a set with a smooth boundary). Measured with the
+# default solver, TV after 3M samples, Sobol vs Monte Carlo: 2-D square (exact TV) 0.0018 vs
+# 0.0062; clustered N=1,000 Gaussian-source targets, D = 8: 0.0148 vs 0.0181, D = 16: 0.0122
+# vs 0.0129, D = 32: 0.0109 vs 0.0109. By default the source is Sobol up to this dimension and
+# Monte Carlo above it (torch draws Sobol points on the CPU only, ~3.5× the cost of randn).
 QMC_MAX_DIM = 16
 
 
