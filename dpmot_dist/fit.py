@@ -65,7 +65,7 @@ class FitConfig(Config):
     growth: float = Field(2.0, ge=1)
     lr_decay: float = Field(0.5, gt=0, le=1)
     max_growths: int = Field(6, ge=0)
-    averaging: Literal["tail", "ema", "none"] = "tail"
+    averaging: Literal["tail", "samples", "ema", "none"] = "tail"
     bias_correction: bool = True
     tol_grad: float | None = Field(None, gt=0)
     tol_tv: float | None = Field(None, gt=0)

@@ -317,6 +317,7 @@ class SolverState:
     h_avg: np.ndarray
     iteration: int = 0
     avg_count: int = 0
+    avg_weight: float = 0.0
     growths: int = 0
     best_grad: float = math.inf
     stall: int = 0
@@ -401,7 +402,9 @@ class SDOTSolver:
             (bench solver, 2-D square N=100: TV 0.031 after 100k samples with min_batch 1,024
             against 0.35 with 4,096); the stall rule grows the batch when noise dominates.
         averaging: ``tail`` (polynomial-decay average since the last schedule change,
-            power ``tail_power``), ``ema`` (decay ``ema_decay``) or ``none``.
+            power ``tail_power``), ``samples`` (over the whole run, each iterate weighted by
+            its batch × (samples so far)^``tail_power``, so no schedule change throws the
+            average's samples away), ``ema`` (decay ``ema_decay``) or ``none``.
         tol_grad, tol_tv: stop when ‖ĝ‖₂ (resp. the batch TV) falls below it with no empty
             cell; ``None`` disables. ``max_iters`` caps the run.
         eval_samples: size of the fresh evaluation sample (0 disables evaluation).
@@ -431,7 +434,7 @@ class SDOTSolver:
     growth: float = 2.0
     lr_decay: float = 0.5
     max_growths: int = 6
-    averaging: Literal["tail", "ema", "none"] = "tail"
+    averaging: Literal["tail", "samples", "ema", "none"] = "tail"
     tail_power: float = 3.0
     ema_decay: float = 0.99
     tol_grad: float | None = None
@@ -457,8 +460,10 @@ class SDOTSolver:
             )
         if self.cv_k < 2 or not 0 < self.cv_refresh <= 1:
             raise ValueError("cv_k ≥ 2 and 0 < cv_refresh ≤ 1 are required")
-        if self.averaging not in ("tail", "ema", "none"):
-            raise ValueError(f"averaging must be tail, ema or none, got {self.averaging!r}")
+        if self.averaging not in ("tail", "samples", "ema", "none"):
+            raise ValueError(
+                f"averaging must be tail, samples, ema or none, got {self.averaging!r}"
+            )
         if self.max_iters < 0 or self.min_batch < 1 or self.samples_per_cell <= 0:
             raise ValueError("max_iters ≥ 0, min_batch ≥ 1 and samples_per_cell > 0 are required")
 
@@ -597,6 +602,11 @@ class SDOTSolver:
     def _average(self, state: SolverState) -> None:
         """Update the iterate average (weights ∝ t^power since the last reset, or an EMA)."""
         state.avg_count += 1
+        if self.averaging == "samples":
+            w = state.batch * float(state.samples) ** self.tail_power
+            state.avg_weight += w
+            state.h_avg += (w / state.avg_weight) * (state.h - state.h_avg)
+            return
         if self.averaging == "ema":
             rate = max(1.0 - self.ema_decay, 1.0 / state.avg_count)
         else:

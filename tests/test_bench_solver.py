@@ -25,7 +25,7 @@ def test_bench_problem_report_and_lr_grid_extension():
     problem = Problem("tiny-square", y, "uniform")
     logs: list[str] = []
     r = bench_problem(problem, SDOTSolver(max_iters=10**9), [100_000, 300_000], [0.1], logs.append)
-    json.dumps(r)  # serialisable
+    json.dumps(r, allow_nan=False)  # strict JSON
     assert [b["samples"] for b in r["budgets"]] == [100_000, 300_000]
     assert all(b["noise_floor"] == 0.0 for b in r["budgets"])  # exact TV in 2-D
     # a one-point grid always holds the best on its edge: it is extended at least once

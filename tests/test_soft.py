@@ -54,7 +54,7 @@ def test_truncation_reports_dropped_mass():
     assert a.counts.sum() == pytest.approx(500)
 
 
-@pytest.mark.parametrize("averaging", ["tail", "ema", "none"])
+@pytest.mark.parametrize("averaging", ["tail", "samples", "ema", "none"])
 def test_averaging_keeps_the_exact_1d_optimum(averaging):
     y = np.random.default_rng(1).normal(size=(8, 1)).astype(np.float32)
     h_star = exact.optimal_h_1d_gaussian(y[:, 0].astype(float))

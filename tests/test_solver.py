@@ -104,7 +104,7 @@ def test_qmc_source_is_more_accurate_than_mc():
 
 def test_averaging_options():
     y = np.random.default_rng(9).normal(size=(20, 2))
-    for averaging in ("tail", "ema", "none"):
+    for averaging in ("tail", "samples", "ema", "none"):
         r = SDOTSolver(max_iters=30, averaging=averaging).solve(assigner(y))
         assert np.isfinite(r.h).all() and abs(r.h.mean()) < 1e-12
     with pytest.raises(ValueError, match="averaging"):

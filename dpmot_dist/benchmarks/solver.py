@@ -212,7 +212,8 @@ def bench_problem(
         ],
         "ours_curve": mine,
         "reference_final_tv": target,
-        "ours_samples_to_reference_tv": needed,
+        # not reached within our budgets: null (strict JSON has no Infinity) and ratio 0
+        "ours_samples_to_reference_tv": needed if math.isfinite(needed) else None,
         "sample_ratio": ref[-1]["samples"] / needed if needed > 0 else math.inf,
     }
 
@@ -284,11 +285,19 @@ def cli_main(args: argparse.Namespace) -> int:
                 f"  {b['samples']:>12,d} samples: reference TV {b['reference_tv']:.4f}   "
                 f"ours {b['ours_tv']:.4f}"
             )
-        print(
-            f"  ours reaches the reference's final TV {r['reference_final_tv']:.4f} with "
-            f"{r['ours_samples_to_reference_tv']:,.0f} samples: ratio {r['sample_ratio']:.1f}×",
-            flush=True,
-        )
+        if r["ours_samples_to_reference_tv"] is not None:
+            print(
+                f"  ours reaches the reference's final TV {r['reference_final_tv']:.4f} with "
+                f"{r['ours_samples_to_reference_tv']:,.0f} samples: "
+                f"ratio {r['sample_ratio']:.1f}×",
+                flush=True,
+            )
+        else:
+            print(
+                f"  ours does not reach the reference's final TV {r['reference_final_tv']:.4f} "
+                f"within {budgets[-1]:,d} samples: ratio < 1 (reported as 0)",
+                flush=True,
+            )
     plot(report, args.png)
     print(f"plot: {args.png}")
     if args.json:
