@@ -150,7 +150,9 @@ def test_workers_give_the_same_h_as_single_process(ray_local, targets, tmp_path)
 
 
 def test_killed_shard_actor_is_restarted_and_h_unchanged(ray_local, targets, tmp_path):
-    run_fit(fit_cfg(targets, tmp_path / "ref", workers=2, iters=30))
+    # long enough (≥ 3 s of Ray round trips) that the kill lands mid-run
+    cfg = {"workers": 2, "iters": 100, "min_batch": 4096}
+    run_fit(fit_cfg(targets, tmp_path / "ref", **cfg))
     out = tmp_path / "killed"
     killed = []
 
@@ -158,14 +160,14 @@ def test_killed_shard_actor_is_restarted_and_h_unchanged(ray_local, targets, tmp
         workers = out / "workers.json"
         while not workers.exists():
             time.sleep(0.05)
-        time.sleep(1.0)
+        time.sleep(0.5)
         pid = json.loads(workers.read_text())["pids"][1]
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
-    run_fit(fit_cfg(targets, out, workers=2, iters=30))
+    run_fit(fit_cfg(targets, out, **cfg))
     killer.join()
     assert killed
     assert np.array_equal(np.load(out / "h.npy"), np.load(tmp_path / "ref" / "h.npy"))
