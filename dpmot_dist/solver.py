@@ -600,7 +600,8 @@ class SDOTSolver:
         state.h = state.h - state.lr * m_hat / (np.sqrt(v_hat) + self.adam_eps)
 
     def _average(self, state: SolverState) -> None:
-        """Update the iterate average (weights ∝ t^power since the last reset, or an EMA)."""
+        """Update the iterate average: weights ∝ t^power since the last reset (``tail``),
+        ∝ batch × samples^power over the whole run (``samples``), or an EMA."""
         state.avg_count += 1
         if self.averaging == "samples":
             w = state.batch * float(state.samples) ** self.tail_power
