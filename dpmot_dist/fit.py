@@ -24,9 +24,16 @@ from pydantic import Field
 
 from dpmot_dist import __version__, storage
 from dpmot_dist.config import Config, add_model_flags, config_from_args
+from dpmot_dist.errors import DpmotError
 from dpmot_dist.shards import ShardPool
 from dpmot_dist.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
-from dpmot_dist.sources import Source, default_qmc
+from dpmot_dist.sources import (
+    LATTICE_RANK,
+    SOBOL_MAX_DIM,
+    Source,
+    default_lattice,
+    default_qmc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,13 @@ class FitConfig(Config):
         description="scrambled Sobol source points (default: on for D ≤ 16, where randomised "
         "QMC beats Monte Carlo, off above)",
     )
+    lattice: int | None = Field(
+        None,
+        ge=0,
+        description="points per random subspace of the lattice source (Gaussian source; "
+        "default: 64 above D = 16 unless --qmc; 0: independent points)",
+    )
+    lattice_rank: int = Field(LATTICE_RANK, ge=2, le=3, description="lattice subspace dimension")
     seed: int = 0
     iters: int = Field(1000, ge=0, description="iteration cap")
     workers: int = Field(0, ge=0, description="Ray shard actors (0: in process)")
@@ -172,8 +186,24 @@ def load_state(cfg: FitConfig) -> SolverState | None:
 
 
 def fit_source(cfg: FitConfig, dim: int) -> Source:
-    """The source measure of the fit (``qmc`` unset: Sobol iff D ≤ QMC_MAX_DIM)."""
-    return Source(kind=cfg.source, qmc=default_qmc(dim) if cfg.qmc is None else cfg.qmc)
+    """The source measure of the fit.
+
+    Unset options take their defaults: Sobol points iff D ≤ QMC_MAX_DIM (unless lattice
+    points are asked for); lattice points (``default_lattice``) for the Gaussian source above
+    it, unless Sobol points are asked for.
+    """
+    qmc = cfg.qmc
+    if qmc is None:
+        qmc = False if cfg.lattice else default_qmc(dim)
+    lattice = cfg.lattice
+    if lattice is None:
+        lattice = 0 if qmc else default_lattice(cfg.source, dim)
+    if qmc and dim > SOBOL_MAX_DIM:
+        raise DpmotError(f"{cfg.targets}: --qmc supports D ≤ {SOBOL_MAX_DIM}, targets have {dim}")
+    try:
+        return Source(kind=cfg.source, qmc=qmc, lattice=lattice, lattice_rank=cfg.lattice_rank)
+    except ValueError as e:
+        raise DpmotError(f"{cfg.targets}: {e}") from None
 
 
 def run_fit(cfg: FitConfig) -> SDOTResult | None:
@@ -186,11 +216,11 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
     if cfg.resume and storage.is_success(cfg.out):
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return None
+    source = fit_source(cfg, dim)  # bad source options fail before anything is written
     storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
     state = load_state(cfg)
     if cfg.workers:
         ensure_ray()
-    source = fit_source(cfg, dim)
     pool = ShardPool.create(
         cfg.targets,
         workers=cfg.workers,
@@ -264,6 +294,8 @@ def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int) -> None
         "weights": cfg.weights,
         "source": cfg.source,
         "qmc": fit_source(cfg, dim).qmc,
+        "lattice": fit_source(cfg, dim).lattice,
+        "lattice_rank": fit_source(cfg, dim).lattice_rank,
         "seed": cfg.seed,
         "iterations": result.iterations,
         "samples": result.samples,

@@ -39,6 +39,7 @@ Backend = Literal["auto", "faiss", "torch", "triton"]
 BACKENDS = ("faiss", "torch", "triton")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RESCORE_ROWS = 256
+_LATTICE_POINTS = 4096  # lattice points scored per pass (bounds the score tile's memory)
 
 
 def faiss_available(device: torch.device | str = "cpu") -> bool:
@@ -140,6 +141,54 @@ class TargetIndex:
         c = min(self.n, k + self.margin)
         scores, cand = self.candidates(x, h, c)
         return self._rescore(x, h, scores, cand, k)
+
+    def search_batch(self, batch, h: torch.Tensor | np.ndarray, k: int = 1):
+        """:meth:`search` for a tensor of points, :meth:`search_lattice` for a Lattice."""
+        if isinstance(batch, torch.Tensor):
+            return self.search(batch, h, k)
+        return self.search_lattice(batch, h, k)
+
+    def search_lattice(self, lattice, h: torch.Tensor | np.ndarray, k: int = 1):
+        """Top-k of every point of a :class:`~dpmot_dist.sources.Lattice`, in point order.
+
+        Stage 1 scores the points from the subspaces' projections, A = Q·yᵀ (m rows per
+        subspace, the only O(D) work), as coef·A + h (2m + 1 flops per point and target),
+        with a running top-c over target tiles; stage 2 re-scores the c candidates in float64
+        from the explicit points, as :meth:`search` does. Any backend runs stage 1 in torch.
+        """
+        h = self._check(lattice.q[0, :1], h, k)[1]
+        k = min(k, self.n)
+        c = min(self.n, k + self.margin)
+        q = lattice.q.to(self.device, torch.float32)
+        coef = lattice.coef.to(self.device, torch.float32)
+        per = max(1, _LATTICE_POINTS // coef.shape[1])  # subspaces per pass
+        out_v, out_i = [], []
+        for s0 in range(0, q.shape[0], per):
+            qs, cs = q[s0 : s0 + per], coef[s0 : s0 + per]
+            cand = self._lattice_candidates(qs, cs, h, c)
+            x = type(lattice)(qs, cs).points()
+            v, i = self._rescore(x, h, None, cand, k)
+            out_v.append(v)
+            out_i.append(i)
+        return torch.cat(out_v), torch.cat(out_i)
+
+    def _lattice_candidates(self, q, coef, h, c: int) -> torch.Tensor:
+        """(S·G, c) local indices of the best scores coef·(Q·yᵀ) + h, tile by tile."""
+        s, m, d = q.shape
+        h32 = h.to(torch.float32)
+        qs = q.reshape(s * m, d).to(self.dtype)
+        best_v = best_i = None
+        for start in range(0, self.n, self.tile):
+            stop = min(start + self.tile, self.n)
+            a = (qs @ self.y_low[start:stop].T).float().reshape(s, m, stop - start)
+            sc = torch.baddbmm(h32[start:stop].expand(s, 1, -1), coef, a)
+            v, i = sc.reshape(-1, stop - start).topk(min(c, stop - start), dim=1)
+            i += start
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_v, best_i = v, i
+        return best_i
 
     def candidates(self, x: torch.Tensor, h: torch.Tensor, c: int):
         """The c best rows under the backend's own arithmetic.

@@ -102,7 +102,7 @@ class ShardWorker:
             self.index.device,
             batches,
         )
-        parts = [self.index.search(x, h_local, k) for x in points]
+        parts = [self.index.search_batch(x, h_local, k) for x in points]
         values = torch.cat([v for v, _ in parts]).cpu().numpy()
         indices = torch.cat([i for _, i in parts]).cpu().numpy()
         return values, indices, time.perf_counter() - t0

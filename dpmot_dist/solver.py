@@ -51,7 +51,9 @@ class Assignment:
         counts: (N,) samples whose argmax is cell i (int64), or with soft assignments the
             summed probabilities softmax_i((⟨x, y⟩ + h) / ε) (float64).
         u_sum: Σ_x u_h(x) over the samples (float64); soft: Σ_x ε log Σ_i exp(s_i / ε).
-        samples: number of samples B.
+        samples: number of samples B (points; with a lattice source, every lattice point).
+        projections: source points projected onto the targets to get them (the cost unit:
+            N·D flops each); equals ``samples`` for independent points.
         hard_counts: argmax counts when ``counts`` are soft (for the empty-cell test).
         dropped: soft only: an upper bound on the mean probability the top-k drops.
         snap_counts: with a snapshot potential h_s (:meth:`StreamAssigner.assign_snapshot`),
@@ -69,6 +71,10 @@ class Assignment:
     snap_counts: np.ndarray | None = None
     changed: float = 0.0
     researched: int = 0
+    projections: int = 0
+
+    def __post_init__(self) -> None:
+        self.projections = self.projections or self.samples
 
     def cell_mass(self) -> np.ndarray:
         """μ̂_i = count_i / B."""
@@ -107,14 +113,22 @@ def stream_points(
     device: torch.device | str = "cpu",
     batches: tuple[int, int] | None = None,
 ):
-    """Micro-batch b of the stream ``key`` is ``source.sample(size, D, seed, *key, b)``.
+    """Micro-batch b of the stream ``key`` is ``source.draw(size, D, seed, *key, b)``: a
+    tensor of points or a :class:`~dpmot_dist.sources.Lattice` (``samples`` counts
+    projections).
 
     ``batches`` = (b0, b1) generates only micro-batches b0 ≤ b < b1.
     """
     sizes = batch_sizes(samples, chunk)
     b0, b1 = batches if batches is not None else (0, len(sizes))
     for b in range(b0, min(b1, len(sizes))):
-        yield source.sample(sizes[b], dim, seed, *key, b, device=device)
+        yield source.draw(sizes[b], dim, seed, *key, b, device=device)
+
+
+def stream_projections(source: Source, samples: int, chunk: int) -> int:
+    """Projections the stream of ``samples`` spends (lattice batches round up to whole
+    subspaces)."""
+    return sum(source.projections(s) for s in batch_sizes(samples, chunk))
 
 
 def assignment_from_winners(
@@ -207,7 +221,9 @@ class StreamAssigner:
         """The points at positions ``rows`` of the stream, regenerating only their batches."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
         out = torch.empty(len(rows), self.dim)
-        b_of = rows // self.chunk
+        sizes = [self.source.points_per_batch(s) for s in batch_sizes(samples, self.chunk)]
+        starts = torch.tensor(np.cumsum([0, *sizes]))
+        b_of = torch.searchsorted(starts, rows, right=True) - 1
         for b in torch.unique(b_of).tolist():
             sel = torch.nonzero(b_of == b).flatten()
             (x,) = stream_points(
@@ -220,7 +236,8 @@ class StreamAssigner:
                 self.stream_device,
                 batches=(b, b + 1),
             )
-            out[sel] = x.cpu()[rows[sel] - b * self.chunk]
+            x = x if isinstance(x, torch.Tensor) else x.points()
+            out[sel] = x.cpu()[rows[sel] - int(starts[b])]
         return out
 
     def assign_snapshot(
@@ -246,6 +263,7 @@ class StreamAssigner:
             _, idx = self.search_points(self.stream_rows(key, samples, rows), h_snap, 1)
             winners[rows] = torch.as_tensor(idx)[:, 0].to(winners.dtype)
         a.snap_counts = np.bincount(winners.numpy(), minlength=self.n).astype(np.int64)
+        a.projections = stream_projections(self.source, samples, self.chunk)
         a.changed = float((winners != torch.as_tensor(indices)[:, 0]).double().mean())
         a.researched = len(rows)
         timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
@@ -264,6 +282,7 @@ class StreamAssigner:
         values, indices, timings = self.timed_topk(h, key, samples, k if epsilon > 0 else 1)
         t0 = time.perf_counter()
         a = assignment_from_topk(values, indices, self.n, self.chunk, epsilon)
+        a.projections = stream_projections(self.source, samples, self.chunk)
         timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
         a.timings = timings
         return a
@@ -297,7 +316,7 @@ class LocalAssigner(StreamAssigner):
         """Exact top-k (values float64, indices) of every point of the stream, (B, k)."""
         h_t = torch.from_numpy(np.asarray(h, np.float64))
         parts = [
-            self.index.search(x, h_t, k)
+            self.index.search_batch(x, h_t, k)
             for x in stream_points(
                 self.source, self.seed, key, samples, self.chunk, self.index.dim, self.index.device
             )
@@ -540,7 +559,7 @@ class SDOTSolver:
         grad = mu - nu
         energy = a.u_sum / a.samples - float(nu @ state.h)
         state.iteration += 1
-        state.samples += a.samples
+        state.samples += a.projections
         if self.optimizer == "sgd":
             state.h = state.h - state.lr * grad / np.maximum(nu, 1e-300)
         else:
@@ -560,7 +579,8 @@ class SDOTSolver:
             "samples": state.samples,
             "seconds": state.seconds,
             "lr": state.lr,
-            "batch": a.samples,
+            "batch": a.projections,
+            "points": a.samples,
             "epsilon": state.epsilon,
             "dropped": a.dropped,
             **a.timings,
@@ -668,7 +688,8 @@ class SDOTSolver:
         out = cell_errors(a.cell_mass(), nu)
         out["energy"] = a.u_sum / a.samples - float(nu @ h)
         out["samples"] = a.samples
-        out["tv_noise_floor"] = tv_noise_floor(assigner.n, a.samples)
+        # a lattice's points are correlated: the floor of its projections is conservative
+        out["tv_noise_floor"] = tv_noise_floor(assigner.n, a.projections)
         return out
 
 

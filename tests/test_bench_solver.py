@@ -30,10 +30,10 @@ def test_bench_problem_report_and_lr_grid_extension():
     assert all(b["noise_floor"] == 0.0 for b in r["budgets"])  # exact TV in 2-D
     # a one-point grid always holds the best on its edge: it is extended at least once
     grid = r["reference_lr_grid"]
-    assert len(grid) >= 2 and len(logs) == len(grid)
+    assert len(grid) >= 2 and len(logs) == len(grid) + 1  # one line per lr tried, one for ours
     assert r["reference_lr"] == min(grid, key=lambda g: g["tv"])["lr"]
     assert r["reference_final_tv"] == r["budgets"][-1]["reference_tv"]
-    assert r["ours_qmc"] is True and r["reference_qmc"] is False
+    assert r["ours_qmc"] is True and r["reference_qmc"] is False and r["ours_lattice"] == 0
     needed = r["ours_samples_to_reference_tv"]
     assert needed < math.inf and math.isclose(r["sample_ratio"], 300_000 / needed, rel_tol=0.05)
     assert all(0 <= b["ours_tv"] <= 1 and 0 <= b["reference_tv"] <= 1 for b in r["budgets"])

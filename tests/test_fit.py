@@ -63,6 +63,39 @@ def test_qmc_default_depends_on_dimension_and_flag_overrides(targets, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["qmc"] is False
 
 
+def test_lattice_default_above_qmc_dimension_and_overrides(targets, tmp_path):
+    from dpmot_dist.fit import fit_source
+
+    cfg = FitConfig(targets=targets, out=str(tmp_path / "x"))
+    assert fit_source(cfg, 16).lattice == 0 and fit_source(cfg, 17).lattice == 64
+    assert fit_source(cfg.model_copy(update={"qmc": True}), 64).lattice == 0
+    assert fit_source(cfg.model_copy(update={"lattice": 0}), 64).lattice == 0
+    forced = fit_source(cfg.model_copy(update={"lattice": 32}), 8)  # D = 8: Sobol unless asked
+    assert forced.lattice == 32 and not forced.qmc
+    out = tmp_path / "fit"
+    args = ["fit", "--targets", targets, "--out", str(out), *FAST, "--lattice", "16"]
+    assert main([*args, "--lattice-rank", "2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["lattice"] == 16 and manifest["lattice_rank"] == 2 and not manifest["qmc"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["batch"] == 4096 and metrics[0]["points"] == 2048 * 16
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source", "uniform", "--lattice", "8"], "lattice points need the Gaussian source"),
+        (["--qmc", "--lattice", "8"], "lattice points need the Gaussian source"),
+    ],
+)
+def test_bad_source_options_one_line_error_and_nothing_written(targets, tmp_path, extra, message):
+    out = tmp_path / "fit"
+    r = fit_cli("--targets", targets, "--out", str(out), *FAST, *extra)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr and targets in r.stderr
+    assert not out.exists()
+
+
 def test_existing_output_needs_overwrite(targets, tmp_path):
     out = str(tmp_path / "fit")
     assert main(["fit", "--targets", targets, "--out", out, *FAST]) == 0

@@ -3,8 +3,11 @@
 For each problem, (a) the reference code's schedule (DESIGN §5: Adam without bias correction,
 10 samples per cell, ×2 samples and ×0.8 step after 50 stalled iterations, at most 3 times,
 the last iterate, lr the best of a grid) and (b) this project's default solver run on the
-same source (ours draws scrambled Sobol points where that is the default, D ≤ 16; the
-reference, like the DPM-OT reference code, plain random points unless ``--reference-qmc``).
+same source (ours draws its default source: scrambled Sobol points for D ≤ 16, lattice
+points in random subspaces for the Gaussian source above; the reference, like the DPM-OT
+reference code, plain random points unless ``--reference-qmc``). Samples count projections:
+source points whose scores against every target are computed (N·D flops each; a lattice's
+extra points cost (2m + 1)·N flops each, see :mod:`dpmot_dist.sources`).
 Their potential is snapshot when the samples used cross each budget, and its accuracy is the
 TV of the cell masses: exact (2-D uniform square, by polygon clipping) or measured on a
 fresh evaluation sample whose noise floor sqrt(N / 2πB) is at most a third of the reported
@@ -30,7 +33,7 @@ from dpmot_dist.solver import (
     SDOTSolver,
     tv_noise_floor,
 )
-from dpmot_dist.sources import Source, default_qmc
+from dpmot_dist.sources import Source, default_lattice, default_qmc
 
 REFERENCE = SDOTSolver(
     bias_correction=False,
@@ -108,14 +111,17 @@ def run_method(
     eval_samples: int,
     seed: int = 0,
     qmc: bool = False,
+    lattice: int = 0,
 ) -> list[dict]:
     """TV of ``solver``'s potential each time its samples cross a budget.
 
-    The solver draws its batches from the problem's source (scrambled Sobol when ``qmc``);
-    the evaluation sample is always plain Monte Carlo, so its noise floor formula holds.
+    The solver draws its batches from the problem's source (scrambled Sobol when ``qmc``,
+    ``lattice`` points per random subspace when > 0); the evaluation sample is always plain
+    Monte Carlo, so its noise floor formula holds.
     """
     index = TargetIndex(problem.y)
-    assigner = LocalAssigner(index, Source(kind=problem.source, qmc=qmc), seed, chunk=8192)
+    source = Source(kind=problem.source, qmc=qmc, lattice=lattice)
+    assigner = LocalAssigner(index, source, seed, chunk=8192)
     evaluator = LocalAssigner(index, Source(kind=problem.source), seed, chunk=8192)
     nu = np.full(problem.n, 1.0 / problem.n)
     state = solver.init_state(assigner)
@@ -158,6 +164,7 @@ def bench_problem(
     scales: list[float],
     log,
     reference_qmc: bool = False,
+    lattice: int | None = None,
 ) -> dict:
     eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
     tried: dict[float, float] = {}
@@ -187,8 +194,13 @@ def bench_problem(
         problem, replace(REFERENCE, lr=best[0]), budgets, eval_samples, qmc=reference_qmc
     )
     ours_budgets = sorted({*budgets, *[b // 10 for b in budgets], *[b // 30 for b in budgets]})
-    qmc = default_qmc(problem.y.shape[1])
-    mine = run_method(problem, ours, ours_budgets, eval_samples, qmc=qmc)
+    dim = problem.y.shape[1]
+    qmc = default_qmc(dim)
+    if lattice is None:
+        lattice = 0 if qmc else default_lattice(problem.source, dim)
+    t0 = time.perf_counter()
+    mine = run_method(problem, ours, ours_budgets, eval_samples, qmc=qmc, lattice=lattice)
+    log(f"  ours (qmc {qmc}, lattice {lattice}): {time.perf_counter() - t0:.0f} s")
     target = ref[-1]["tv"]
     needed = samples_to_reach(mine, target)
     by_budget = {c["budget"]: c for c in mine}
@@ -198,6 +210,7 @@ def bench_problem(
         "dim": int(problem.y.shape[1]),
         "source": problem.source,
         "ours_qmc": qmc,
+        "ours_lattice": lattice,
         "reference_qmc": reference_qmc,
         "reference_lr": best[0],
         "reference_lr_grid": [{"lr": lr, "tv": tv} for lr, tv in sorted(tried.items())],
@@ -261,6 +274,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the reference draws scrambled Sobol points too (as pyOMT does; the DPM-OT "
         "reference code draws plain uniform random points)",
     )
+    parser.add_argument(
+        "--lattice",
+        type=int,
+        default=None,
+        help="ours: lattice points per random subspace (default: the solver's default "
+        "source; 0: independent points)",
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -278,6 +298,7 @@ def cli_main(args: argparse.Namespace) -> int:
             scales,
             lambda s: print(s, flush=True),
             reference_qmc=args.reference_qmc,
+            lattice=args.lattice,
         )
         report["problems"].append(r)
         for b in r["budgets"]:
