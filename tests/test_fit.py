@@ -173,10 +173,15 @@ def fit_cfg(targets, out, **kw) -> FitConfig:
     return FitConfig(**{**base, **kw})
 
 
-def test_workers_give_the_same_h_as_single_process(ray_local, targets, tmp_path):
+@pytest.mark.parametrize(
+    "workers, options",
+    [((0, 1, 2, 3), {}), ((0, 2), {"lattice": 16})],
+    ids=["sobol", "lattice"],
+)
+def test_workers_give_the_same_h_as_single_process(ray_local, targets, tmp_path, workers, options):
     hs = []
-    for k in (0, 1, 2, 3):
-        run_fit(fit_cfg(targets, tmp_path / f"k{k}", workers=k))
+    for k in workers:
+        run_fit(fit_cfg(targets, tmp_path / f"k{k}", workers=k, **options))
         hs.append(np.load(tmp_path / f"k{k}" / "h.npy"))
     for h in hs[1:]:
         assert np.array_equal(h, hs[0])

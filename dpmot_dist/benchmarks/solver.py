@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from dpmot_dist import exact
+from dpmot_dist.errors import DpmotError
 from dpmot_dist.search import TargetIndex
 from dpmot_dist.solver import (
     EVAL_STREAM,
@@ -267,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference lr grid × score gap (extended past an edge that holds the best)",
     )
     parser.add_argument("--quick", action="store_true", help="small problems only")
+    parser.add_argument(
+        "--problems", default=None, help="comma-separated problem names to run (default: all)"
+    )
     parser.add_argument("--png", default="bench-solver.png", help="plot path")
     parser.add_argument(
         "--reference-qmc",
@@ -289,7 +293,14 @@ def cli_main(args: argparse.Namespace) -> int:
     scales = [float(s) for s in args.lr_scales.split(",")]
     ours = SDOTSolver(max_iters=10**9)
     report = {"problems": []}
-    for problem in problems(args.quick):
+    chosen = problems(args.quick)
+    if args.problems:
+        names = args.problems.split(",")
+        unknown = sorted(set(names) - {p.name for p in chosen})
+        if unknown:
+            raise DpmotError(f"--problems: unknown problem(s) {', '.join(unknown)}")
+        chosen = [p for p in chosen if p.name in names]
+    for problem in chosen:
         print(f"{problem.name}: N={problem.n}, D={problem.y.shape[1]}", flush=True)
         r = bench_problem(
             problem,
