@@ -27,13 +27,7 @@ from dpmot_dist.config import Config, add_model_flags, config_from_args
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.shards import ShardPool
 from dpmot_dist.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
-from dpmot_dist.sources import (
-    LATTICE_RANK,
-    SOBOL_MAX_DIM,
-    Source,
-    default_lattice,
-    default_qmc,
-)
+from dpmot_dist.sources import LATTICE_RANK, Source, default_source
 
 log = logging.getLogger(__name__)
 
@@ -186,22 +180,9 @@ def load_state(cfg: FitConfig) -> SolverState | None:
 
 
 def fit_source(cfg: FitConfig, dim: int) -> Source:
-    """The source measure of the fit.
-
-    Unset options take their defaults: Sobol points iff D ≤ QMC_MAX_DIM (unless lattice
-    points are asked for); lattice points (``default_lattice``) for the Gaussian source above
-    it, unless Sobol points are asked for.
-    """
-    qmc = cfg.qmc
-    if qmc is None:
-        qmc = False if cfg.lattice else default_qmc(dim)
-    lattice = cfg.lattice
-    if lattice is None:
-        lattice = 0 if qmc else default_lattice(cfg.source, dim)
-    if qmc and dim > SOBOL_MAX_DIM:
-        raise DpmotError(f"{cfg.targets}: --qmc supports D ≤ {SOBOL_MAX_DIM}, targets have {dim}")
+    """The source measure of the fit (:func:`~dpmot_dist.sources.default_source`)."""
     try:
-        return Source(kind=cfg.source, qmc=qmc, lattice=lattice, lattice_rank=cfg.lattice_rank)
+        return default_source(cfg.source, dim, cfg.qmc, cfg.lattice, cfg.lattice_rank)
     except ValueError as e:
         raise DpmotError(f"{cfg.targets}: {e}") from None
 

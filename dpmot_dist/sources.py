@@ -56,6 +56,27 @@ def default_lattice(kind: str, dim: int) -> int:
     return LATTICE_POINTS if kind == "gaussian" and dim > QMC_MAX_DIM else 0
 
 
+def default_source(
+    kind: SourceKind,
+    dim: int,
+    qmc: bool | None = None,
+    lattice: int | None = None,
+    lattice_rank: int = LATTICE_RANK,
+) -> Source:
+    """The solver's source for ``kind`` in dimension ``dim``; ``None`` options take defaults.
+
+    Sobol points iff D ≤ QMC_MAX_DIM (unless lattice points are asked for); lattice points
+    (:func:`default_lattice`) unless Sobol points are asked for.
+    """
+    if qmc is None:
+        qmc = False if lattice else default_qmc(dim)
+    if lattice is None:
+        lattice = 0 if qmc else default_lattice(kind, dim)
+    if qmc and dim > SOBOL_MAX_DIM:
+        raise ValueError(f"Sobol points support D ≤ {SOBOL_MAX_DIM}, got D = {dim}")
+    return Source(kind=kind, qmc=qmc, lattice=lattice, lattice_rank=lattice_rank)
+
+
 def sphere_lattice(points: int, rank: int) -> torch.Tensor:
     """(points, rank) float64 unit vectors spread evenly: a circle (rank 2) or a Fibonacci
     sphere (rank 3)."""

@@ -34,7 +34,7 @@ from dpmot_dist.solver import (
     SDOTSolver,
     tv_noise_floor,
 )
-from dpmot_dist.sources import Source, default_lattice, default_qmc
+from dpmot_dist.sources import Source, default_source
 
 REFERENCE = SDOTSolver(
     bias_correction=False,
@@ -111,17 +111,16 @@ def run_method(
     budgets: list[int],
     eval_samples: int,
     seed: int = 0,
-    qmc: bool = False,
-    lattice: int = 0,
+    source: Source | None = None,
 ) -> list[dict]:
     """TV of ``solver``'s potential each time its samples cross a budget.
 
-    The solver draws its batches from the problem's source (scrambled Sobol when ``qmc``,
-    ``lattice`` points per random subspace when > 0); the evaluation sample is always plain
-    Monte Carlo, so its noise floor formula holds.
+    The solver draws its batches from ``source`` (default: plain random points of the
+    problem's measure); the evaluation sample is always plain Monte Carlo, so its noise floor
+    formula holds.
     """
     index = TargetIndex(problem.y)
-    source = Source(kind=problem.source, qmc=qmc, lattice=lattice)
+    source = source or Source(kind=problem.source)
     assigner = LocalAssigner(index, source, seed, chunk=8192)
     evaluator = LocalAssigner(index, Source(kind=problem.source), seed, chunk=8192)
     nu = np.full(problem.n, 1.0 / problem.n)
@@ -168,14 +167,16 @@ def bench_problem(
     lattice: int | None = None,
 ) -> dict:
     eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
+    ref_source = Source(kind=problem.source, qmc=reference_qmc)
     tried: dict[float, float] = {}
+    curves: dict[float, list[dict]] = {}
 
     def try_lr(lr: float) -> None:
         t0 = time.perf_counter()
-        curve = run_method(
-            problem, replace(REFERENCE, lr=lr), budgets[-1:], eval_samples, qmc=reference_qmc
+        curves[lr] = run_method(
+            problem, replace(REFERENCE, lr=lr), budgets, eval_samples, source=ref_source
         )
-        tried[lr] = curve[-1]["tv"]
+        tried[lr] = curves[lr][-1]["tv"]
         log(f"  reference lr {lr:.4g}: TV {tried[lr]:.4f} ({time.perf_counter() - t0:.0f} s)")
 
     grid = lr_grid(problem, scales)
@@ -191,17 +192,12 @@ def bench_problem(
             break
         try_lr(best_lr / ratio if best_lr == lo else best_lr * ratio)
     best = min(tried.items(), key=lambda item: item[1])
-    ref = run_method(
-        problem, replace(REFERENCE, lr=best[0]), budgets, eval_samples, qmc=reference_qmc
-    )
+    ref = curves[best[0]]  # each lr's run is evaluated at every budget: no re-run
     ours_budgets = sorted({*budgets, *[b // 10 for b in budgets], *[b // 30 for b in budgets]})
-    dim = problem.y.shape[1]
-    qmc = default_qmc(dim)
-    if lattice is None:
-        lattice = 0 if qmc else default_lattice(problem.source, dim)
+    source = default_source(problem.source, problem.y.shape[1], lattice=lattice)
     t0 = time.perf_counter()
-    mine = run_method(problem, ours, ours_budgets, eval_samples, qmc=qmc, lattice=lattice)
-    log(f"  ours (qmc {qmc}, lattice {lattice}): {time.perf_counter() - t0:.0f} s")
+    mine = run_method(problem, ours, ours_budgets, eval_samples, source=source)
+    log(f"  ours (qmc {source.qmc}, lattice {source.lattice}): {time.perf_counter() - t0:.0f} s")
     target = ref[-1]["tv"]
     needed = samples_to_reach(mine, target)
     by_budget = {c["budget"]: c for c in mine}
@@ -210,8 +206,8 @@ def bench_problem(
         "n": problem.n,
         "dim": int(problem.y.shape[1]),
         "source": problem.source,
-        "ours_qmc": qmc,
-        "ours_lattice": lattice,
+        "ours_qmc": source.qmc,
+        "ours_lattice": source.lattice,
         "reference_qmc": reference_qmc,
         "reference_lr": best[0],
         "reference_lr_grid": [{"lr": lr, "tv": tv} for lr, tv in sorted(tried.items())],
