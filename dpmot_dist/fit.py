@@ -50,7 +50,7 @@ class FitConfig(Config):
         None,
         ge=0,
         description="points per random subspace of the lattice source (Gaussian source; "
-        "default: 64 above D = 16 unless --qmc; 0: independent points)",
+        "default: 64 for D ≥ 3 unless --qmc; 0: independent points)",
     )
     lattice_rank: int = Field(LATTICE_RANK, ge=2, le=3, description="lattice subspace dimension")
     seed: int = 0

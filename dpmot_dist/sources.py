@@ -36,7 +36,7 @@ _U_EPS = 1e-7
 # vs 0.0129, D = 32: 0.0109 vs 0.0109. By default the source is Sobol up to this dimension and
 # Monte Carlo above it (torch draws Sobol points on the CPU only, ~3.5× the cost of randn).
 QMC_MAX_DIM = 16
-# The lattice source's default (Gaussian source, D > QMC_MAX_DIM): 64 points on the sphere of
+# The lattice source's default (Gaussian source, D ≥ 3): 64 points on the sphere of
 # each random 3-dimensional subspace. Variance of the cell counts per projection, against
 # independent points, clustered N=1,000 targets in D = 32 at the fitted potential: 1/4.3
 # (m = 2, 16 points), 1/6.8 (m = 3, 64), 1/7.1 (m = 3, 128), 1/8.7 (m = 4, 256).
@@ -51,9 +51,11 @@ def default_qmc(dim: int) -> bool:
 def default_lattice(kind: str, dim: int) -> int:
     """Lattice points per subspace used by default (0: independent points).
 
-    On for the Gaussian source above ``QMC_MAX_DIM`` (where Sobol points stop helping).
+    On for the Gaussian source in D ≥ 3 (the rank-3 lattice needs 3 dimensions). Clustered
+    N=1,000 targets, TV after 300k samples, lattice vs Sobol: D = 8 0.055 vs 0.081, D = 16
+    0.026 vs 0.084; D = 32, lattice vs Monte Carlo: 0.016 vs 0.054 (1M: 0.0069 vs 0.022).
     """
-    return LATTICE_POINTS if kind == "gaussian" and dim > QMC_MAX_DIM else 0
+    return LATTICE_POINTS if kind == "gaussian" and dim >= LATTICE_RANK else 0
 
 
 def default_source(
@@ -65,13 +67,13 @@ def default_source(
 ) -> Source:
     """The solver's source for ``kind`` in dimension ``dim``; ``None`` options take defaults.
 
-    Sobol points iff D ≤ QMC_MAX_DIM (unless lattice points are asked for); lattice points
-    (:func:`default_lattice`) unless Sobol points are asked for.
+    Lattice points (:func:`default_lattice`: the Gaussian source in D ≥ 3) unless Sobol
+    points are asked for; otherwise Sobol points iff D ≤ QMC_MAX_DIM.
     """
-    if qmc is None:
-        qmc = False if lattice else default_qmc(dim)
     if lattice is None:
         lattice = 0 if qmc else default_lattice(kind, dim)
+    if qmc is None:
+        qmc = False if lattice else default_qmc(dim)
     if qmc and dim > SOBOL_MAX_DIM:
         raise ValueError(f"Sobol points support D ≤ {SOBOL_MAX_DIM}, got D = {dim}")
     return Source(kind=kind, qmc=qmc, lattice=lattice, lattice_rank=lattice_rank)

@@ -47,31 +47,35 @@ def test_fit_writes_contract_outputs(targets, tmp_path):
     assert keys <= set(json.loads(lines[0]))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "potential" and manifest["n"] == 300
-    assert manifest["qmc"] is True  # D = 8: Sobol by default
+    assert manifest["qmc"] is False and manifest["lattice"] == 64  # Gaussian D = 8: lattice
     assert (out / "_SUCCESS").exists()
 
 
-def test_qmc_default_depends_on_dimension_and_flag_overrides(targets, tmp_path):
+def test_source_defaults_depend_on_source_and_dimension_and_flags_override(targets, tmp_path):
     from dpmot_dist.fit import fit_source
 
     cfg = FitConfig(targets=targets, out=str(tmp_path / "x"))
-    assert fit_source(cfg, 2).qmc and fit_source(cfg, 16).qmc and not fit_source(cfg, 17).qmc
-    assert not fit_source(cfg.model_copy(update={"qmc": False}), 2).qmc
-    assert fit_source(cfg.model_copy(update={"qmc": True}), 4096).qmc
-    out = tmp_path / "fit"
-    assert main(["fit", "--targets", targets, "--out", str(out), *FAST, "--no-qmc"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["qmc"] is False
-
-
-def test_lattice_default_above_qmc_dimension_and_overrides(targets, tmp_path):
-    from dpmot_dist.fit import fit_source
-
-    cfg = FitConfig(targets=targets, out=str(tmp_path / "x"))
-    assert fit_source(cfg, 16).lattice == 0 and fit_source(cfg, 17).lattice == 64
+    uniform = cfg.model_copy(update={"source": "uniform"})
+    # uniform source: Sobol up to D = 16, never lattice points
+    assert fit_source(uniform, 16).qmc and not fit_source(uniform, 17).qmc
+    assert fit_source(uniform, 64).lattice == 0
+    # Gaussian source: lattice points from D = 3 (rank 3), Sobol below
+    assert fit_source(cfg, 2).qmc and fit_source(cfg, 2).lattice == 0
+    assert all(fit_source(cfg, d).lattice == 64 and not fit_source(cfg, d).qmc for d in (3, 8, 64))
     assert fit_source(cfg.model_copy(update={"qmc": True}), 64).lattice == 0
-    assert fit_source(cfg.model_copy(update={"lattice": 0}), 64).lattice == 0
-    forced = fit_source(cfg.model_copy(update={"lattice": 32}), 8)  # D = 8: Sobol unless asked
-    assert forced.lattice == 32 and not forced.qmc
+    assert fit_source(cfg.model_copy(update={"qmc": True}), 4096).qmc
+    assert not fit_source(cfg.model_copy(update={"qmc": False}), 2).qmc
+    plain = fit_source(cfg.model_copy(update={"lattice": 0}), 64)
+    assert plain.lattice == 0 and not plain.qmc
+    assert fit_source(cfg.model_copy(update={"lattice": 0}), 8).qmc  # D ≤ 16: Sobol then
+    out = tmp_path / "fit"
+    args = ["fit", "--targets", targets, "--out", str(out), *FAST, "--lattice", "0", "--no-qmc"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["qmc"] is False and manifest["lattice"] == 0
+
+
+def test_lattice_options_reach_the_fit(targets, tmp_path):
     out = tmp_path / "fit"
     args = ["fit", "--targets", targets, "--out", str(out), *FAST, "--lattice", "16"]
     assert main([*args, "--lattice-rank", "2"]) == 0
@@ -175,8 +179,8 @@ def fit_cfg(targets, out, **kw) -> FitConfig:
 
 @pytest.mark.parametrize(
     "workers, options",
-    [((0, 1, 2, 3), {}), ((0, 2), {"lattice": 16})],
-    ids=["sobol", "lattice"],
+    [((0, 1, 2, 3), {}), ((0, 2), {"lattice": 0})],
+    ids=["lattice", "sobol"],
 )
 def test_workers_give_the_same_h_as_single_process(ray_local, targets, tmp_path, workers, options):
     hs = []
