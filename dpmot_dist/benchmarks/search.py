@@ -3,6 +3,9 @@
 All rates are GFLOP/s of the 2·B·N·D flops of the score matrix, measured in one run on the
 same shapes (best of ``--repeat`` after a warm-up). The baseline ``reference`` is the
 reference code's search (targets in chunks of 1,000, a running max by ``torch.stack``).
+``lattice`` searches B projections' worth of the lattice source (B/m random subspaces of G
+points each, :meth:`~dpmot_dist.search.TargetIndex.search_lattice`) and is rated by the same
+2·B·N·D: its ratio is projections per second ÷ matmul rows per second.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from dpmot_dist.search import BACKENDS, TargetIndex, default_backend, resolve_backend
+from dpmot_dist.sources import Source
 
 
 def best_times(
@@ -53,7 +57,9 @@ def reference_search(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, chunk: i
     return best_v, best_i
 
 
-def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -> dict:
+def run(
+    n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0, lattice: int = 64
+) -> dict:
     """Measure matmul, every available backend and the reference search; return the report."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, dim, generator=gen).to(device)
@@ -76,6 +82,10 @@ def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -
         except ValueError:
             continue
         fns[name] = lambda index=indexes[name]: index.search(x, h, 1)
+    if lattice:
+        lat = Source(lattice=lattice).draw(batch, dim, seed, 0, device=device)
+        index = next(iter(indexes.values()))
+        fns["lattice"] = lambda: index.search_lattice(lat, h, 1)
     h32 = h.float()
     fns["reference"] = lambda: reference_search(x, y, h32)
     gflops = {name: rate(t) for name, t in best_times(fns, repeat, sync).items()}
@@ -106,6 +116,14 @@ def run(n: int, dim: int, batch: int, device: str, repeat: int, seed: int = 0) -
         "gflops": gflops["reference"],
         "ratio": gflops["reference"] / report["matmul_gflops"],
     }
+    if lattice:
+        report["lattice"] = {
+            "points": lattice,
+            "rank": lat.q.shape[1],
+            "points_per_projection": len(lat) / lat.projections,
+            "gflops": gflops["lattice"],
+            "ratio": gflops["lattice"] / report["matmul_gflops"],
+        }
     return report
 
 
@@ -115,11 +133,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096, help="queries B")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument(
+        "--lattice", type=int, default=64, help="lattice points per subspace (0: skip)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    report = run(args.n, args.dim, args.batch, args.device, args.repeat)
+    report = run(args.n, args.dim, args.batch, args.device, args.repeat, lattice=args.lattice)
     print(
         f"N={args.n} D={args.dim} B={args.batch} on {args.device}: plain fp32 matmul "
         f"{report['matmul_gflops']:.1f} GFLOP/s {report['matmul']}"
@@ -127,6 +148,12 @@ def cli_main(args: argparse.Namespace) -> int:
     for name, r in report["backends"].items():
         mark = " (default)" if name == report["default"] else ""
         print(f"  {name:10s} {r['gflops']:8.1f} GFLOP/s  ratio {r['ratio']:.3f}{mark}")
+    if "lattice" in report:
+        r = report["lattice"]
+        print(
+            f"  lattice    {r['gflops']:8.1f} GFLOP/s  ratio {r['ratio']:.3f} (per projection; "
+            f"{r['points_per_projection']:.1f} points each)"
+        )
     if args.json:
         print(json.dumps(report))
     return 0
