@@ -125,3 +125,13 @@ def test_triton_backend_through_the_search_interface():
         v_ref, i_ref = brute_force(x, y, h, 2)
         assert torch.equal(indices, i_ref)
         torch.testing.assert_close(values, v_ref, rtol=0, atol=1e-9)
+
+
+def test_bench_search_report_rates_every_backend_and_the_lattice():
+    from dpmot_dist.benchmarks.search import run
+
+    r = run(n=600, dim=16, batch=96, device="cpu", repeat=1, lattice=16)
+    assert r["matmul_gflops"] > 0 and r["default"] in r["backends"]
+    assert all(b["disagree"] == 0.0 for k, b in r["backends"].items() if k != "reference")
+    lat = r["lattice"]
+    assert lat["rank"] == 3 and lat["points_per_projection"] == 16 / 3 and lat["ratio"] > 0
