@@ -39,6 +39,7 @@ Backend = Literal["auto", "faiss", "torch", "triton"]
 BACKENDS = ("faiss", "torch", "triton")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RESCORE_ROWS = 256
+_RESCORE_ELEMENTS = 1 << 21  # float64 candidate coordinates gathered per re-score pass
 _LATTICE_POINTS = 4096  # lattice points scored per pass (bounds the score tile's memory)
 
 
@@ -165,15 +166,31 @@ class TargetIndex:
         out_v, out_i = [], []
         for s0 in range(0, q.shape[0], per):
             qs, cs = q[s0 : s0 + per], coef[s0 : s0 + per]
-            cand = self._lattice_candidates(qs, cs, h, c)
+            scores, cand = self._lattice_candidates(qs, cs, h, c)
             x = type(lattice)(qs, cs).points()
-            v, i = self._rescore(x, h, None, cand, k)
+            bound = self.lattice_error_bound(cs.reshape(-1, cs.shape[2]), h)
+            v, i = self._rescore(x, h, scores, cand, k, bound)
             out_v.append(v)
             out_i.append(i)
         return torch.cat(out_v), torch.cat(out_i)
 
-    def _lattice_candidates(self, q, coef, h, c: int) -> torch.Tensor:
-        """(S·G, c) local indices of the best scores coef·(Q·yᵀ) + h, tile by tile."""
+    def lattice_error_bound(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(P,) bound on |s̃ − s| of :meth:`_lattice_candidates`' scores, lattice points P.
+
+        s̃ = Σ_j c_j ã_j + h in fp32 with ã_j = ⟨q_j, y⟩ from the storage dtype (‖q_j‖ = 1:
+        error ≤ (2u_s + u_s² + γ_D)·max‖y‖), summed with error ≤ γ_{m+1}(Σ|c_j ã_j| + |h|);
+        the point re-scored is the fp32 x = Σ c_j q_j, within γ_m Σ|c_j|·max‖y‖ of ⟨x, y⟩
+        exact. All told ≤ (2u_s + u_s² + γ_{D+2m+1})·(‖c‖₁·max‖y‖ + max|h|); doubled.
+        """
+        if self._y_norm is None:
+            self._y_norm = float(self.y.norm(dim=1).max())
+        u_s = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[self.dtype]
+        gamma = (self.dim + 2 * coef.shape[1] + 1) * 2.0**-24
+        scale = coef.abs().sum(1).double() * self._y_norm + float(h.abs().max())
+        return 2 * (2 * u_s + u_s * u_s + gamma) * scale
+
+    def _lattice_candidates(self, q, coef, h, c: int):
+        """(S·G, c) best scores coef·(Q·yᵀ) + h (fp32) and their local indices, by tiles."""
         s, m, d = q.shape
         h32 = h.to(torch.float32)
         qs = q.reshape(s * m, d).to(self.dtype)
@@ -188,7 +205,7 @@ class TargetIndex:
                 v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_v, best_i = v, i
-        return best_i
+        return best_v, best_i
 
     def candidates(self, x: torch.Tensor, h: torch.Tensor, c: int):
         """The c best rows under the backend's own arithmetic.
@@ -278,17 +295,19 @@ class TargetIndex:
             (2 * u_s + u_s * u_s + gamma) * x.norm(dim=1).double() * self._y_norm + gamma * hmax
         )
 
-    def _rescore(self, x, h, scores, cand, k: int):
+    def _rescore(self, x, h, scores, cand, k: int, bound: torch.Tensor | None = None):
         """Exact float64 scores; top-k with ties to the lowest index.
 
         Rows whose candidate-pass gap between the k-th and (k+1)-th score exceeds twice
-        :meth:`error_bound` already have the exact top-k set: only those k are re-scored.
-        The others (near-ties) re-score all c candidates.
+        the candidate pass's error bound (``bound``, else :meth:`error_bound`) already have
+        the exact top-k set: only those k are re-scored. The others (near-ties) re-score all
+        c candidates.
         """
         cand = cand.to(self.device).long()
         if scores is not None and cand.shape[1] > k:
             scores = scores.to(self.device).double()
-            sure = (scores[:, k - 1] - scores[:, k]) > 2 * self.error_bound(x, h)
+            bound = self.error_bound(x, h) if bound is None else bound.to(self.device)
+            sure = (scores[:, k - 1] - scores[:, k]) > 2 * bound
         else:
             sure = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
         values = torch.full(cand.shape, -torch.inf, dtype=torch.float64, device=self.device)
@@ -299,8 +318,9 @@ class TargetIndex:
     def _exact(self, x: torch.Tensor, h: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """⟨x_b, y_c⟩ + h_c in float64 for candidates cand (B, c), row by row."""
         out = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
-        for r in range(0, x.shape[0], _RESCORE_ROWS):
-            rows = slice(r, r + _RESCORE_ROWS)
+        step = max(_RESCORE_ROWS, _RESCORE_ELEMENTS // max(1, cand.shape[1] * self.dim))
+        for r in range(0, x.shape[0], step):
+            rows = slice(r, r + step)
             yc = self.y[cand[rows]].double()
             out[rows] = (x[rows, None, :].double() * yc).sum(-1) + h[cand[rows]]
         return out
