@@ -220,7 +220,7 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         result = _solve(cfg, pool, nu, state, n)
     finally:
         pool.close()
-    _write_outputs(cfg, result, n, dim)
+    _write_outputs(cfg, result, n, dim, source)
     return result
 
 
@@ -262,7 +262,7 @@ def checkpoint(out: str, state: SolverState) -> None:
     write_metrics(out, state.metrics)
 
 
-def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int) -> None:
+def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source) -> None:
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
     write_metrics(cfg.out, result.metrics)
     manifest = {
@@ -274,9 +274,9 @@ def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int) -> None
         "targets": cfg.targets,
         "weights": cfg.weights,
         "source": cfg.source,
-        "qmc": fit_source(cfg, dim).qmc,
-        "lattice": fit_source(cfg, dim).lattice,
-        "lattice_rank": fit_source(cfg, dim).lattice_rank,
+        "qmc": source.qmc,
+        "lattice": source.lattice,
+        "lattice_rank": source.lattice_rank,
         "seed": cfg.seed,
         "iterations": result.iterations,
         "samples": result.samples,

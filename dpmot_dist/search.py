@@ -162,12 +162,13 @@ class TargetIndex:
         c = min(self.n, k + self.margin)
         q = lattice.q.to(self.device, torch.float32)
         coef = lattice.coef.to(self.device, torch.float32)
+        lattice = type(lattice)(q, coef)
         per = max(1, _LATTICE_POINTS // coef.shape[1])  # subspaces per pass
         out_v, out_i = [], []
         for s0 in range(0, q.shape[0], per):
             qs, cs = q[s0 : s0 + per], coef[s0 : s0 + per]
             scores, cand = self._lattice_candidates(qs, cs, h, c)
-            x = type(lattice)(qs, cs).points()
+            x = lattice.points(s0, s0 + per)
             bound = self.lattice_error_bound(cs.reshape(-1, cs.shape[2]), h)
             v, i = self._rescore(x, h, scores, cand, k, bound)
             out_v.append(v)
@@ -194,12 +195,21 @@ class TargetIndex:
         s, m, d = q.shape
         h32 = h.to(torch.float32)
         qs = q.reshape(s * m, d).to(self.dtype)
+
+        def tile(start: int, stop: int) -> torch.Tensor:
+            a = (qs @ self.y_low[start:stop].T).float().reshape(s, m, stop - start)
+            sc = torch.baddbmm(h32[start:stop].expand(s, 1, -1), coef, a)
+            return sc.reshape(-1, stop - start)
+
+        return self._running_topc(tile, c)
+
+    def _running_topc(self, tile, c: int):
+        """Best c (scores, local indices) per row over ``tile(start, stop)``, the (rows,
+        stop − start) scores of targets [start, stop), taken tile by tile."""
         best_v = best_i = None
         for start in range(0, self.n, self.tile):
             stop = min(start + self.tile, self.n)
-            a = (qs @ self.y_low[start:stop].T).float().reshape(s, m, stop - start)
-            sc = torch.baddbmm(h32[start:stop].expand(s, 1, -1), coef, a)
-            v, i = sc.reshape(-1, stop - start).topk(min(c, stop - start), dim=1)
+            v, i = tile(start, stop).topk(min(c, stop - start), dim=1)
             i += start
             if best_v is not None:
                 v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
@@ -237,20 +247,13 @@ class TargetIndex:
         """Tiled ``addmm`` (scores in the storage dtype, + fp32 h) and a running top-c."""
         h32 = h.to(torch.float32)
         xs = x.to(self.dtype)
-        best_v = best_i = None
-        for start in range(0, self.n, self.tile):
-            stop = min(start + self.tile, self.n)
+
+        def tile(start: int, stop: int) -> torch.Tensor:
             if self.dtype == torch.float32:
-                s = torch.addmm(h32[start:stop], xs, self.y_low[start:stop].T)
-            else:
-                s = (xs @ self.y_low[start:stop].T).float().add_(h32[start:stop])
-            v, i = s.topk(min(c, stop - start), dim=1)
-            i += start
-            if best_v is not None:
-                v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
-                i = torch.cat([best_i, i], 1).gather(1, j)
-            best_v, best_i = v, i
-        return best_v, best_i
+                return torch.addmm(h32[start:stop], xs, self.y_low[start:stop].T)
+            return (xs @ self.y_low[start:stop].T).float().add_(h32[start:stop])
+
+        return self._running_topc(tile, c)
 
     def _faiss_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
         """``faiss.knn`` inner-product search over [x, 1] and [y_i, h_i]."""
