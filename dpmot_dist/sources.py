@@ -76,6 +76,8 @@ def default_source(
         qmc = False if lattice else default_qmc(dim)
     if qmc and dim > SOBOL_MAX_DIM:
         raise ValueError(f"Sobol points support D ≤ {SOBOL_MAX_DIM}, got D = {dim}")
+    if lattice and dim < lattice_rank:
+        raise ValueError(f"lattice rank {lattice_rank} needs D ≥ {lattice_rank}, got D = {dim}")
     return Source(kind=kind, qmc=qmc, lattice=lattice, lattice_rank=lattice_rank)
 
 

@@ -125,3 +125,11 @@ def test_solver_with_lattice_source_counts_projections():
     assert rec["batch"] == 300 and rec["points"] == 100 * 16
     assert res.samples == 5 * 300
     assert res.evaluation["tv_noise_floor"] == pytest.approx(math.sqrt(50 / (2 * math.pi * 3000)))
+
+
+def test_default_source_refuses_a_lattice_wider_than_the_targets():
+    from dpmot_dist.sources import default_source
+
+    assert default_source("gaussian", 2).lattice == 0  # the default never asks for one
+    with pytest.raises(ValueError, match="lattice rank 3 needs D ≥ 3, got D = 2"):
+        default_source("gaussian", 2, lattice=64)
