@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from scipy.stats import chi2
 
-from dpmot_dist.fit import FitConfig, ensure_ray, run_fit
-from dpmot_dist.metrics import mahalanobis2, mode_metrics
-from dpmot_dist.models import GaussianMixture
-from dpmot_dist.prepare import PrepareConfig, run_prepare
-from dpmot_dist.sample import SampleConfig, read_samples, run_sample
+from dpmot_dist.diffusion.models import GaussianMixture
+from dpmot_dist.evaluation.metrics import mahalanobis2, mode_metrics
+from dpmot_dist.io.datasets import read_samples
+from dpmot_dist.pipelines.fit import FitConfig, run_fit
+from dpmot_dist.pipelines.prepare import PrepareConfig, run_prepare
+from dpmot_dist.pipelines.sample import SampleConfig, run_sample
+from dpmot_dist.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``dpmot bench fit``: the distributed fit's iteration time, split, bytes moved; a cost model.
 
-For each K in ``--workers`` a short fit runs through :func:`dpmot_dist.fit.run_fit` on
+For each K in ``--workers`` a short fit runs through :func:`dpmot_dist.pipelines.fit.run_fit` on
 synthetic Gaussian targets (N×D), with K Ray shard actors sharing ``--cpus`` CPUs (K = 0:
 in process). From the per-iteration records, after ``--warmup`` iterations, it reports the
 median iteration time, the median search / transfer / reduce times, the bytes moved between
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from dpmot_dist.benchmarks.search import best_times
-from dpmot_dist.fit import FitConfig, run_fit
-from dpmot_dist.search import merge_topk
-from dpmot_dist.solver import assignment_from_winners
-from dpmot_dist.sources import Source
+from dpmot_dist.ot.assign import assignment_from_winners
+from dpmot_dist.ot.search import merge_topk
+from dpmot_dist.ot.sources import Source
+from dpmot_dist.pipelines.fit import FitConfig, run_fit
 
 SPLIT = ("t_search", "t_transfer", "t_reduce")
 FORMULA = (
@@ -124,8 +124,8 @@ def noise_seconds(batch: int, dim: int, chunk: int, threads: int) -> float:
 def driver_reduce_rate(workers: int = 8, samples: int = 1 << 20, n: int = 1 << 20) -> float:
     """(sample, worker) pairs per second through the driver's reduce (merge, then counts).
 
-    The same calls as :meth:`dpmot_dist.shards.ShardPool.assign` on K shards' (value, index)
-    answers, at a size where per-call overheads no longer matter.
+    The same calls as :meth:`dpmot_dist.pipelines.shards.ShardPool.assign` on K shards'
+    (value, index) answers, at a size where per-call overheads no longer matter.
     """
     rng = np.random.default_rng(0)
     bounds = np.linspace(0, n, workers + 1).astype(np.int64)

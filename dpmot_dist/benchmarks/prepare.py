@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dpmot_dist.prepare import PrepareConfig, run_prepare
+from dpmot_dist.pipelines.prepare import PrepareConfig, run_prepare
 
 _CHUNK_BYTES = 32 << 20
 

@@ -22,7 +22,8 @@ from the multinomial noise of the samples. DPM-OT runs the real pipeline in proc
 ``run_prepare`` (targets at step M) → ``run_fit`` (timed; its fresh-sample TV reported) →
 ``run_sample`` with the ``copy`` and ``interp`` maps and M-step DDIM refinement at 5, 10, 20
 NFE. Baselines run ``run_sample --from-noise``: DDPM 1000 steps, DDIM 10/20/50, DPM-Solver++
-10/20. Columns: mode mixture, mode-weight error (:func:`dpmot_dist.metrics.mode_metrics`),
+10/20. Columns: mode mixture, mode-weight error
+(:func:`dpmot_dist.evaluation.metrics.mode_metrics`),
 sliced W2 to fresh draws, memorisation against the training set (reference: fresh draws), and
 the sampling wall time (the fit's time is reported once per problem). The run uses
 ``--threads`` (default 1) torch and faiss threads.
@@ -45,14 +46,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpmot_dist import metrics, storage
 from dpmot_dist.demo import GRID_FIT, grid_mixture
-from dpmot_dist.fit import FitConfig, run_fit
-from dpmot_dist.models import GaussianMixture, GMMDenoiser
-from dpmot_dist.prepare import PrepareConfig, run_prepare
-from dpmot_dist.sample import SampleConfig, read_samples, run_sample
-from dpmot_dist.samplers import SamplerSpec, diffusers_scheduler, prior_scale, refine
-from dpmot_dist.schedules import Schedule
+from dpmot_dist.diffusion.models import GaussianMixture, GMMDenoiser
+from dpmot_dist.diffusion.samplers import SamplerSpec, diffusers_scheduler, prior_scale, refine
+from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.evaluation import metrics
+from dpmot_dist.io import datasets
+from dpmot_dist.io.datasets import read_samples
+from dpmot_dist.pipelines.fit import FitConfig, run_fit
+from dpmot_dist.pipelines.prepare import PrepareConfig, run_prepare
+from dpmot_dist.pipelines.sample import SampleConfig, run_sample
 
 log = logging.getLogger(__name__)
 
@@ -363,9 +366,9 @@ def fit_mode_tv(fit_work: Path, mixture: GaussianMixture, data: np.ndarray, samp
     i belongs to the mode of data point i (prepare keeps the row order). This is the part of
     DPM-OT's mode-weight error that the fit is responsible for.
     """
-    from dpmot_dist.search import TargetIndex
+    from dpmot_dist.ot.search import TargetIndex
 
-    y = storage.load_targets(str(fit_work / "targets"))
+    y = datasets.load_targets(str(fit_work / "targets"))
     h = torch.from_numpy(np.load(fit_work / "fit" / "h.npy").astype(np.float64))
     index = TargetIndex(y)
     gen = torch.Generator().manual_seed(12345)
@@ -382,7 +385,7 @@ def fit_mode_tv(fit_work: Path, mixture: GaussianMixture, data: np.ndarray, samp
 def prepare_and_fit(work: Path, seed: int, fit_options: dict) -> dict:
     """Targets at step M and the fitted h, in process; the fit's time and fresh-sample TV.
 
-    ``fit_options``: :class:`~dpmot_dist.fit.FitConfig` fields (iters, eval_samples, ...).
+    ``fit_options``: :class:`~dpmot_dist.pipelines.fit.FitConfig` fields (iters, eval_samples, ...).
     """
     t0 = time.perf_counter()
     run_prepare(

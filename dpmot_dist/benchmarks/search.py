@@ -4,7 +4,7 @@ All rates are GFLOP/s of the 2·B·N·D flops of the score matrix, measured in o
 same shapes (best of ``--repeat`` after a warm-up). The baseline ``reference`` is the
 reference code's search (targets in chunks of 1,000, a running max by ``torch.stack``).
 ``lattice`` searches B projections' worth of the lattice source (B/m random subspaces of G
-points each, :meth:`~dpmot_dist.search.TargetIndex.search_lattice`) and is rated by the same
+points each, :meth:`~dpmot_dist.ot.search.TargetIndex.search_lattice`) and is rated by the same
 2·B·N·D: its ratio is projections per second ÷ matmul rows per second.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from dpmot_dist.search import BACKENDS, TargetIndex, default_backend, resolve_backend
-from dpmot_dist.sources import Source
+from dpmot_dist.ot.search import BACKENDS, TargetIndex, default_backend, resolve_backend
+from dpmot_dist.ot.sources import Source
 
 
 def best_times(

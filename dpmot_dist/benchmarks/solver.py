@@ -7,7 +7,7 @@ same source (ours draws its default source: scrambled Sobol points for D ≤ 16,
 points in random subspaces for the Gaussian source above; the reference, like the DPM-OT
 reference code, plain random points unless ``--reference-qmc``). Samples count projections:
 source points whose scores against every target are computed (N·D flops each; a lattice's
-extra points cost (2m + 1)·N flops each, see :mod:`dpmot_dist.sources`).
+extra points cost (2m + 1)·N flops each, see :mod:`dpmot_dist.ot.sources`).
 Their potential is snapshot when the samples used cross each budget, and its accuracy is the
 TV of the cell masses: exact (2-D uniform square, by polygon clipping) or measured on a
 fresh evaluation sample whose noise floor sqrt(N / 2πB) is at most a third of the reported
@@ -25,16 +25,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from dpmot_dist import exact
 from dpmot_dist.errors import DpmotError
-from dpmot_dist.search import TargetIndex
-from dpmot_dist.solver import (
-    EVAL_STREAM,
-    LocalAssigner,
-    SDOTSolver,
-    tv_noise_floor,
-)
-from dpmot_dist.sources import Source, default_source
+from dpmot_dist.ot import exact
+from dpmot_dist.ot.assign import LocalAssigner
+from dpmot_dist.ot.search import TargetIndex
+from dpmot_dist.ot.solver import EVAL_STREAM, SDOTSolver, tv_noise_floor
+from dpmot_dist.ot.sources import Source, default_source
 
 REFERENCE = SDOTSolver(
     bias_correction=False,

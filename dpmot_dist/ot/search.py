@@ -1,0 +1,373 @@
+"""Maximum inner-product search with offsets: the argmax behind the Brenier map.
+
+For query rows x (B×D), targets y (N×D) and offsets h (N,), find for every row
+
+.. math::
+    u_h(x) = \\max_i \\langle x, y_i \\rangle + h_i, \\qquad g(x) = \\arg\\max_i (\\cdots)
+
+and its top-k variant, without materialising the B×N score matrix.
+
+Every backend works in two stages:
+
+1. *Candidates*: a fast, possibly low-precision pass keeps the C best indices of each
+   row (C = k + a margin). Backends: ``faiss`` (``faiss.knn`` on CPU, ``knn_gpu`` on
+   CUDA, over the augmented vectors [x, 1]·[y_i, h_i]), ``torch`` (tiled ``addmm``
+   plus a running top-C, any device, fp32/bf16/fp16 storage) and ``triton`` (the
+   fused GPU kernel of :mod:`dpmot_dist.ot.kernels.triton_search`).
+2. *Exact re-score*: the C candidates are scored again as ⟨x, y_i⟩ + h_i in float64
+   from the fp32 targets, and the top-k is taken with ties broken by the lowest index.
+
+Stage 2 makes the answer independent of the backend, of the summation order of the
+GEMM and of how the targets are split into shards: on fp32 inputs every backend
+returns the same indices, and a sharded search reduced by :func:`merge_topk` equals
+the single-process search. It fails only when more than C − k targets score within
+the stage-1 rounding error of the k-th best, which on fp32 inputs needs near-exact
+ties (e.g. duplicated targets).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "faiss", "torch", "triton"]
+BACKENDS = ("faiss", "torch", "triton")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RESCORE_ROWS = 256
+_RESCORE_ELEMENTS = 1 << 21  # float64 candidate coordinates gathered per re-score pass
+_LATTICE_POINTS = 4096  # lattice points scored per pass (bounds the score tile's memory)
+
+
+def faiss_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the ``faiss`` backend can run on ``device``."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    if torch.device(device).type == "cuda":
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return True
+
+
+def triton_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused Triton kernel can run on ``device`` (CUDA, or the interpreter)."""
+    try:
+        from dpmot_dist.ot.kernels import triton_search
+    except ImportError:
+        return False
+    on_cuda = torch.device(device).type == "cuda"
+    return triton_search.is_available() and (on_cuda or triton_search.interpreting())
+
+
+def default_backend(device: torch.device | str = "cpu") -> str:
+    """The fastest backend available on ``device``: triton on CUDA, else faiss, else torch.
+
+    On 2 CPU cores ``faiss.knn`` keeps ≥ 0.9 of the BLAS matmul rate while ``torch``'s
+    separate ``addmm`` + ``topk`` passes keep about 0.85 (see ``dpmot bench search``).
+    """
+    if torch.device(device).type == "cuda" and triton_available(device):
+        return "triton"
+    return "faiss" if faiss_available(device) else "torch"
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Turn ``auto`` into a concrete backend and check that the named one can run."""
+    if backend == "auto":
+        return default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown search backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "faiss" and not faiss_available(device):
+        raise ValueError(f"search backend 'faiss' is not available on {device}")
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"search backend 'triton' is not available on {device}")
+    return backend
+
+
+class TargetIndex:
+    """Targets y (N×D) held on one device, searched with per-call offsets h.
+
+    ``offset`` is added to every returned index, so that a shard holding global rows
+    [offset, offset + N) answers in global indices. ``storage_dtype`` (float32,
+    bfloat16, float16) is the dtype of the copy the candidate pass reads; an fp32 copy
+    is kept for the exact re-score.
+    """
+
+    def __init__(
+        self,
+        y: torch.Tensor | np.ndarray,
+        *,
+        backend: str = "auto",
+        storage_dtype: str = "float32",
+        device: torch.device | str = "cpu",
+        tile: int = 8192,
+        margin: int | None = None,
+        offset: int = 0,
+    ) -> None:
+        y = torch.as_tensor(y)
+        if y.ndim != 2 or y.shape[0] == 0 or y.shape[1] == 0:
+            raise ValueError(f"targets must be a non-empty N×D array, got shape {tuple(y.shape)}")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}")
+        self.device = torch.device(device)
+        self.backend = resolve_backend(backend, self.device)
+        self.y = y.to(self.device, torch.float32).contiguous()
+        if not torch.isfinite(self.y).all():
+            raise ValueError("targets contain NaN or Inf values")
+        self.dtype = STORAGE_DTYPES[storage_dtype]
+        self.y_low = self.y if self.dtype == torch.float32 else self.y.to(self.dtype)
+        self.n, self.dim = self.y.shape
+        self.tile = tile
+        self.offset = offset
+        self.margin = margin if margin is not None else (3 if self.dtype == torch.float32 else 12)
+        self._augmented: np.ndarray | None = None
+        self._y_norm: float | None = None
+        self._gpu_res = None
+
+    def search(self, x: torch.Tensor, h: torch.Tensor | np.ndarray, k: int = 1):
+        """Top-k of ⟨x, y_i⟩ + h_i per row.
+
+        Args:
+            x: (B, D) queries. h: (N,) offsets (float64 keeps the re-score exact).
+        Returns:
+            values (B, k) float64 exact scores, indices (B, k) int64 global indices,
+            sorted by decreasing value, ties by increasing index.
+        """
+        x, h = self._check(x, h, k)
+        k = min(k, self.n)
+        c = min(self.n, k + self.margin)
+        scores, cand = self.candidates(x, h, c)
+        return self._rescore(x, h, scores, cand, k)
+
+    def search_batch(self, batch, h: torch.Tensor | np.ndarray, k: int = 1):
+        """:meth:`search` for a tensor of points, :meth:`search_lattice` for a Lattice."""
+        if isinstance(batch, torch.Tensor):
+            return self.search(batch, h, k)
+        return self.search_lattice(batch, h, k)
+
+    def search_lattice(self, lattice, h: torch.Tensor | np.ndarray, k: int = 1):
+        """Top-k of every point of a :class:`~dpmot_dist.ot.sources.Lattice`, in point order.
+
+        Stage 1 scores the points from the subspaces' projections, A = Q·yᵀ (m rows per
+        subspace, the only O(D) work), as coef·A + h (2m + 1 flops per point and target),
+        with a running top-c over target tiles; stage 2 re-scores the c candidates in float64
+        from the explicit points, as :meth:`search` does. Any backend runs stage 1 in torch.
+        """
+        h = self._check(lattice.q[0, :1], h, k)[1]
+        k = min(k, self.n)
+        c = min(self.n, k + self.margin)
+        q = lattice.q.to(self.device, torch.float32)
+        coef = lattice.coef.to(self.device, torch.float32)
+        lattice = type(lattice)(q, coef)
+        per = max(1, _LATTICE_POINTS // coef.shape[1])  # subspaces per pass
+        out_v, out_i = [], []
+        for s0 in range(0, q.shape[0], per):
+            qs, cs = q[s0 : s0 + per], coef[s0 : s0 + per]
+            scores, cand = self._lattice_candidates(qs, cs, h, c)
+            x = lattice.points(s0, s0 + per)
+            bound = self.lattice_error_bound(cs.reshape(-1, cs.shape[2]), h)
+            v, i = self._rescore(x, h, scores, cand, k, bound)
+            out_v.append(v)
+            out_i.append(i)
+        return torch.cat(out_v), torch.cat(out_i)
+
+    def lattice_error_bound(self, coef: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(P,) bound on |s̃ − s| of :meth:`_lattice_candidates`' scores, lattice points P.
+
+        s̃ = Σ_j c_j ã_j + h in fp32 with ã_j = ⟨q_j, y⟩ from the storage dtype (‖q_j‖ = 1:
+        error ≤ (2u_s + u_s² + γ_D)·max‖y‖), summed with error ≤ γ_{m+1}(Σ|c_j ã_j| + |h|);
+        the point re-scored is the fp32 x = Σ c_j q_j, within γ_m Σ|c_j|·max‖y‖ of ⟨x, y⟩
+        exact. All told ≤ (2u_s + u_s² + γ_{D+2m+1})·(‖c‖₁·max‖y‖ + max|h|); doubled.
+        """
+        if self._y_norm is None:
+            self._y_norm = float(self.y.norm(dim=1).max())
+        u_s = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[self.dtype]
+        gamma = (self.dim + 2 * coef.shape[1] + 1) * 2.0**-24
+        scale = coef.abs().sum(1).double() * self._y_norm + float(h.abs().max())
+        return 2 * (2 * u_s + u_s * u_s + gamma) * scale
+
+    def _lattice_candidates(self, q, coef, h, c: int):
+        """(S·G, c) best scores coef·(Q·yᵀ) + h (fp32) and their local indices, by tiles."""
+        s, m, d = q.shape
+        h32 = h.to(torch.float32)
+        qs = q.reshape(s * m, d).to(self.dtype)
+
+        def tile(start: int, stop: int) -> torch.Tensor:
+            a = (qs @ self.y_low[start:stop].T).float().reshape(s, m, stop - start)
+            sc = torch.baddbmm(h32[start:stop].expand(s, 1, -1), coef, a)
+            return sc.reshape(-1, stop - start)
+
+        return self._running_topc(tile, c)
+
+    def _running_topc(self, tile, c: int):
+        """Best c (scores, local indices) per row over ``tile(start, stop)``, the (rows,
+        stop − start) scores of targets [start, stop), taken tile by tile."""
+        best_v = best_i = None
+        for start in range(0, self.n, self.tile):
+            stop = min(start + self.tile, self.n)
+            v, i = tile(start, stop).topk(min(c, stop - start), dim=1)
+            i += start
+            if best_v is not None:
+                v, j = torch.cat([best_v, v], 1).topk(c, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, j)
+            best_v, best_i = v, i
+        return best_v, best_i
+
+    def candidates(self, x: torch.Tensor, h: torch.Tensor, c: int):
+        """The c best rows under the backend's own arithmetic.
+
+        Returns (scores (B, c) float32 or None, local indices (B, c) int64), best first.
+        """
+        if self.backend == "faiss":
+            return self._faiss_candidates(x, h, c)
+        if self.backend == "triton":
+            from dpmot_dist.ot.kernels.triton_search import fused_candidates
+
+            return None, fused_candidates(x, self.y_low, h.float(), c)
+        return self._torch_candidates(x, h, c)
+
+    def _check(self, x, h, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(x)
+        h = torch.as_tensor(h)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"queries must be B×{self.dim}, got shape {tuple(x.shape)}")
+        if h.shape != (self.n,):
+            raise ValueError(f"offsets h must have shape ({self.n},), got {tuple(h.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be ≥ 1, got {k}")
+        x = x.to(self.device, torch.float32).contiguous()
+        h = h.to(self.device, torch.float64)
+        return x, h
+
+    def _torch_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
+        """Tiled ``addmm`` (scores in the storage dtype, + fp32 h) and a running top-c."""
+        h32 = h.to(torch.float32)
+        xs = x.to(self.dtype)
+
+        def tile(start: int, stop: int) -> torch.Tensor:
+            if self.dtype == torch.float32:
+                return torch.addmm(h32[start:stop], xs, self.y_low[start:stop].T)
+            return (xs @ self.y_low[start:stop].T).float().add_(h32[start:stop])
+
+        return self._running_topc(tile, c)
+
+    def _faiss_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
+        """``faiss.knn`` inner-product search over [x, 1] and [y_i, h_i]."""
+        import faiss
+
+        if self.device.type == "cuda":
+            return self._faiss_gpu_candidates(x, h, c)
+        if self._augmented is None:
+            self._augmented = np.empty((self.n, self.dim + 1), np.float32)
+            self._augmented[:, :-1] = self.y.numpy()
+        self._augmented[:, -1] = h.numpy()
+        xa = np.empty((x.shape[0], self.dim + 1), np.float32)
+        xa[:, :-1] = x.numpy()
+        xa[:, -1] = 1.0
+        scores, idx = faiss.knn(xa, self._augmented, c, metric=faiss.METRIC_INNER_PRODUCT)
+        return torch.from_numpy(scores), torch.from_numpy(idx)
+
+    def _faiss_gpu_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
+        import faiss
+        import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take torch tensors)
+
+        if self._gpu_res is None:
+            self._gpu_res = faiss.StandardGpuResources()
+        ya = torch.cat([self.y, h.to(torch.float32)[:, None]], 1)
+        xa = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+        scores, idx = faiss.knn_gpu(self._gpu_res, xa, ya, c, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, idx.long()
+
+    def error_bound(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(B,) bound δ on |s̃_i − s_i| of the candidate pass's scores, any i.
+
+        Rounding x and y to the storage dtype (unit roundoff u_s, 0 for fp32) and an fp32
+        dot product of length D + 1 in any order (γ ≈ (D + 2)·2⁻²⁴, Higham 2002, §3.1) give
+        |s̃ − s| ≤ (2u_s + u_s² + γ)·‖x‖₂·max‖y_i‖₂ + γ·max|h_i|; doubled as a margin.
+        """
+        if self._y_norm is None:
+            self._y_norm = float(self.y.norm(dim=1).max())
+        u_s = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[self.dtype]
+        gamma = (self.dim + 2) * 2.0**-24
+        hmax = float(h.abs().max())
+        return 2 * (
+            (2 * u_s + u_s * u_s + gamma) * x.norm(dim=1).double() * self._y_norm + gamma * hmax
+        )
+
+    def _rescore(self, x, h, scores, cand, k: int, bound: torch.Tensor | None = None):
+        """Exact float64 scores; top-k with ties to the lowest index.
+
+        Rows whose candidate-pass gap between the k-th and (k+1)-th score exceeds twice
+        the candidate pass's error bound (``bound``, else :meth:`error_bound`) already have
+        the exact top-k set: only those k are re-scored. The others (near-ties) re-score all
+        c candidates.
+        """
+        cand = cand.to(self.device).long()
+        if scores is not None and cand.shape[1] > k:
+            scores = scores.to(self.device).double()
+            bound = self.error_bound(x, h) if bound is None else bound.to(self.device)
+            sure = (scores[:, k - 1] - scores[:, k]) > 2 * bound
+        else:
+            sure = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
+        values = torch.full(cand.shape, -torch.inf, dtype=torch.float64, device=self.device)
+        values[sure, :k] = self._exact(x[sure], h, cand[sure, :k])
+        values[~sure] = self._exact(x[~sure], h, cand[~sure])
+        return topk_lowest_index(values, cand + self.offset, k)
+
+    def _exact(self, x: torch.Tensor, h: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """⟨x_b, y_c⟩ + h_c in float64 for candidates cand (B, c), row by row."""
+        out = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
+        step = max(_RESCORE_ROWS, _RESCORE_ELEMENTS // max(1, cand.shape[1] * self.dim))
+        for r in range(0, x.shape[0], step):
+            rows = slice(r, r + step)
+            yc = self.y[cand[rows]].double()
+            out[rows] = (x[rows, None, :].double() * yc).sum(-1) + h[cand[rows]]
+        return out
+
+
+def topk_lowest_index(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """Top-k of each row by value, ties broken by the lowest index.
+
+    Args: values (B, C), indices (B, C) with no repeats within a row.
+    Returns: (values (B, k), indices (B, k)).
+    """
+    order = torch.argsort(indices, dim=1)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    top = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, top), indices.gather(1, top)
+
+
+def merge_topk(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int):
+    """Merge per-shard exact top-k answers into the global top-k (ties: lowest index)."""
+    values = torch.cat([_tensor(v) for v, _ in parts], 1)
+    indices = torch.cat([_tensor(i) for _, i in parts], 1)
+    return topk_lowest_index(values, indices, min(k, values.shape[1]))
+
+
+def search(
+    x: torch.Tensor | np.ndarray,
+    y: torch.Tensor | np.ndarray,
+    h: torch.Tensor | np.ndarray,
+    k: int = 1,
+    *,
+    backend: str = "auto",
+    storage_dtype: str = "float32",
+    device: torch.device | str = "cpu",
+):
+    """Top-k of ⟨x, y_i⟩ + h_i for every row of x; see :class:`TargetIndex`.
+
+    Returns (values (B, k) float64, indices (B, k) int64).
+    """
+    index = TargetIndex(y, backend=backend, storage_dtype=storage_dtype, device=device)
+    return index.search(x, h, k)
+
+
+def _tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor view of ``a`` (numpy arrays from Ray's object store are read-only: copied)."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
+    return a
