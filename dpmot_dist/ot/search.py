@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from dpmot_dist.ot.kernels import cpu_search
+
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "faiss", "torch", "triton"]
@@ -41,6 +43,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 _RESCORE_ROWS = 256
 _RESCORE_ELEMENTS = 1 << 21  # float64 candidate coordinates gathered per re-score pass
 _LATTICE_POINTS = 4096  # lattice points scored per pass (bounds the score tile's memory)
+_TRITON_LATTICE_POINTS = 1 << 14  # lattice points per chunk of the Triton path
 
 
 def faiss_available(device: torch.device | str = "cpu") -> bool:
@@ -127,6 +130,9 @@ class TargetIndex:
         self._augmented: np.ndarray | None = None
         self._y_norm: float | None = None
         self._gpu_res = None
+        # On CPU the running top-c and the exact re-score run in the fused numba kernels of
+        # kernels/cpu_search.py (torch elsewhere, or without numba)
+        self._fused_cpu = self.device.type == "cpu" and cpu_search.available()
 
     def search(self, x: torch.Tensor, h: torch.Tensor | np.ndarray, k: int = 1):
         """Top-k of ⟨x, y_i⟩ + h_i per row.
@@ -141,6 +147,8 @@ class TargetIndex:
         k = min(k, self.n)
         c = min(self.n, k + self.margin)
         scores, cand = self.candidates(x, h, c)
+        if self._fused_cpu:
+            return self._cpu_rescore(x, h, scores, cand, k)
         return self._rescore(x, h, scores, cand, k)
 
     def search_batch(self, batch, h: torch.Tensor | np.ndarray, k: int = 1):
@@ -160,6 +168,10 @@ class TargetIndex:
         h = self._check(lattice.q[0, :1], h, k)[1]
         k = min(k, self.n)
         c = min(self.n, k + self.margin)
+        if self.backend == "triton":
+            return self._triton_search_lattice(lattice, h, k, c)
+        if self._fused_cpu:
+            return self._cpu_search_lattice(lattice, h, k, c)
         q = lattice.q.to(self.device, torch.float32)
         coef = lattice.coef.to(self.device, torch.float32)
         lattice = type(lattice)(q, coef)
@@ -170,6 +182,36 @@ class TargetIndex:
             scores, cand = self._lattice_candidates(qs, cs, h, c)
             x = lattice.points(s0, s0 + per)
             bound = self.lattice_error_bound(cs.reshape(-1, cs.shape[2]), h)
+            v, i = self._rescore(x, h, scores, cand, k, bound)
+            out_v.append(v)
+            out_i.append(i)
+        return torch.cat(out_v), torch.cat(out_i)
+
+    def _triton_search_lattice(self, lattice, h: torch.Tensor, k: int, c: int):
+        """:meth:`search_lattice` with the on-chip merge of
+        :func:`~dpmot_dist.ot.kernels.triton_search.lattice_candidates`: per chunk of points,
+        the projections of each target tile by one GEMM, the points' scores and running top-c
+        in registers, then the exact re-score of the chunk's explicit points."""
+        from dpmot_dist.ot.kernels import triton_search as ts
+
+        q = lattice.q.to(self.device, torch.float32)
+        coef = lattice.coef.to(self.device, torch.float32)
+        lattice = type(lattice)(q, coef)
+        s, m, d = q.shape
+        h32 = h.to(torch.float32)
+        per = max(1, _TRITON_LATTICE_POINTS // coef.shape[1])  # subspaces per chunk
+        out_v, out_i = [], []
+        for s0 in range(0, s, per):
+            qs, cs = q[s0 : s0 + per], coef[s0 : s0 + per]
+            q_low = qs.reshape(-1, d).to(self.dtype)
+            best = None
+            for start in range(0, self.n, self.tile):
+                stop = min(start + self.tile, self.n)
+                a = (q_low @ self.y_low[start:stop].T).float().reshape(len(qs), m, -1)
+                best = ts.lattice_candidates(a, cs, h32[start:stop], start, best, c)
+            scores, cand = ts.lattice_topc(best, c)
+            bound = self.lattice_error_bound(cs.reshape(-1, m), h)
+            x = lattice.points(s0, s0 + per)
             v, i = self._rescore(x, h, scores, cand, k, bound)
             out_v.append(v)
             out_i.append(i)
@@ -253,7 +295,74 @@ class TargetIndex:
                 return torch.addmm(h32[start:stop], xs, self.y_low[start:stop].T)
             return (xs @ self.y_low[start:stop].T).float().add_(h32[start:stop])
 
+        if self._fused_cpu:
+            return self._cpu_running_topc(
+                lambda a, b: tile(a, b).numpy(), x.shape[0], c, cpu_search.topc_rows
+            )
         return self._running_topc(tile, c)
+
+    # -- the fused CPU path (kernels/cpu_search.py) -----------------------------------------
+
+    def _cpu_tile(self, rows: int) -> int:
+        """Targets per GEMM tile on the CPU: about 16 MiB of fp32 scores or projections."""
+        return max(256, min(self.n, (1 << 22) // max(1, rows)))
+
+    def _cpu_running_topc(self, tile, rows: int, c: int, kernel, gemm_rows: int | None = None):
+        """The c best (scores, local indices) of each of ``rows`` rows, the tiles of
+        ``tile(start, stop)`` (a GEMM of ``gemm_rows`` rows, default ``rows``) merged by the
+        numba ``kernel`` as they come: no rows × N temporary."""
+        best_v, best_i = cpu_search.empty_topc(rows, c)
+        step = self._cpu_tile(gemm_rows or rows)
+        for start in range(0, self.n, step):
+            stop = min(start + step, self.n)
+            kernel(tile(start, stop), start, best_v, best_i)
+        return torch.from_numpy(best_v), torch.from_numpy(best_i)
+
+    def _cpu_search_lattice(self, lattice, h: torch.Tensor, k: int, c: int):
+        """:meth:`search_lattice` by the fused CPU kernels: the projections A = Q·yᵀ by tiles
+        of targets (BLAS), each tile scored for every point and merged into its running
+        top-c (numba), then the exact re-score of the points formed on the fly."""
+        q = lattice.q.to(torch.float32).contiguous()
+        coef = lattice.coef.to(torch.float32).contiguous()
+        s, m, d = q.shape
+        qs = q.reshape(s * m, d).to(self.dtype)
+        coef_np, h32 = coef.numpy(), h.to(torch.float32).numpy()
+
+        def tile(start: int, stop: int):
+            a = (qs @ self.y_low[start:stop].T).float().reshape(s, m, stop - start)
+            return a.numpy(), coef_np, h32[start:stop]
+
+        def kernel(args, start, best_v, best_i):
+            a, coef_tile, h_tile = args
+            cpu_search.topc_lattice(a, coef_tile, h_tile, start, best_v, best_i)
+
+        points = s * coef.shape[1]
+        best_v, best_i = self._cpu_running_topc(tile, points, c, kernel, gemm_rows=s * m)
+        bound = self.lattice_error_bound(coef.reshape(-1, m), h).numpy()
+        out_v = np.empty((len(best_i), k), np.float64)
+        out_i = np.empty((len(best_i), k), np.int64)
+        cpu_search.rescore_lattice(
+            q.numpy(), coef_np, self.y.numpy(), h.numpy(), best_v.numpy(), best_i.numpy(),
+            bound, k, self.offset, out_v, out_i,
+        )  # fmt: skip
+        return torch.from_numpy(out_v), torch.from_numpy(out_i)
+
+    def _cpu_rescore(self, x, h, scores, cand, k: int):
+        """:meth:`_rescore` by the fused CPU kernel (candidate scores known, else all c)."""
+        cand = cand.long().numpy()
+        if scores is None or cand.shape[1] <= k:
+            scores_np = np.zeros(cand.shape, np.float32)
+            bound = np.full(len(cand), np.inf)
+        else:
+            scores_np = scores.float().numpy()
+            bound = self.error_bound(x, h).numpy()
+        out_v = np.empty((len(cand), k), np.float64)
+        out_i = np.empty((len(cand), k), np.int64)
+        cpu_search.rescore_rows(
+            x.numpy(), self.y.numpy(), h.numpy(), scores_np, cand, bound, k, self.offset,
+            out_v, out_i,
+        )  # fmt: skip
+        return torch.from_numpy(out_v), torch.from_numpy(out_i)
 
     def _faiss_candidates(self, x: torch.Tensor, h: torch.Tensor, c: int) -> torch.Tensor:
         """``faiss.knn`` inner-product search over [x, 1] and [y_i, h_i]."""

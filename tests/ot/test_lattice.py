@@ -55,17 +55,46 @@ def test_lattice_options_are_checked():
 
 
 @pytest.mark.parametrize(
-    "backend, dtype", [("torch", "float32"), ("faiss", "float32"), ("torch", "bfloat16")]
+    "backend, dtype, fused",
+    [
+        ("torch", "float32", True),
+        ("faiss", "float32", True),
+        ("torch", "bfloat16", True),
+        ("torch", "float32", False),  # the torch path (no numba, or not on a CPU)
+        ("torch", "bfloat16", False),
+    ],
 )
 @pytest.mark.parametrize("k", [1, 4])
-def test_search_lattice_equals_search_of_explicit_points(backend, dtype, k):
+def test_search_lattice_equals_search_of_explicit_points(backend, dtype, fused, k):
     y = clustered(700, 24, 5, 0)
     h = np.random.default_rng(1).normal(scale=0.5, size=700)
     index = TargetIndex(y, backend=backend, storage_dtype=dtype, tile=256)
+    if fused and not index._fused_cpu:
+        pytest.skip("numba is not installed")
+    index._fused_cpu = fused
     lat = Source(lattice=64).draw(300, 24, 0, 3)
     v1, i1 = index.search_lattice(lat, h, k)
-    v2, i2 = TargetIndex(y, backend="torch").search(lat.points(), h, k)
+    explicit = TargetIndex(y, backend="torch")
+    explicit._fused_cpu = fused
+    v2, i2 = explicit.search(lat.points(), h, k)
     assert torch.equal(i1, i2) and torch.equal(v1, v2)
+
+
+def test_fused_cpu_and_torch_paths_find_the_same_top_k():
+    y = clustered(500, 16, 5, 3)
+    h = np.random.default_rng(2).normal(scale=0.5, size=500)
+    lat = Source(lattice=32).draw(120, 16, 0, 4)
+    fused, plain = TargetIndex(y, tile=128), TargetIndex(y, tile=128)
+    if not fused._fused_cpu:
+        pytest.skip("numba is not installed")
+    plain._fused_cpu = False
+    for k in (1, 3):
+        i1 = fused.search_lattice(lat, h, k)[1]
+        assert torch.equal(i1, plain.search_lattice(lat, h, k)[1])
+        x = lat.points()
+        assert torch.equal(fused.search(x, h, k)[1], plain.search(x, h, k)[1])
+        exact = torch.from_numpy(x.double().numpy() @ y.astype(np.float64).T + h)
+        assert torch.equal(i1[:, 0], exact.argmax(1))
 
 
 def test_sharded_lattice_search_merges_to_the_single_index():

@@ -169,3 +169,37 @@ def test_bad_inputs_raise_value_error(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         ts.fused_search(**args)
+
+
+@pytest.mark.parametrize("rank, k", [(3, 1), (2, 3)])
+def test_lattice_kernel_equals_search_of_explicit_points(rank, k):
+    from dpmot_dist.ot.search import TargetIndex
+    from dpmot_dist.ot.sources import Source
+
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(150, 12, generator=g)
+    h = 0.3 * torch.randn(150, generator=g, dtype=torch.float64)
+    lat = Source(lattice=8, lattice_rank=rank).draw(12, 12, 0, 1)
+    index = TargetIndex(y, backend="triton", tile=64)
+    values, indices = index.search_lattice(lat, h, k)
+    ref_values, ref_indices = _brute_force(lat.points(), y, h, k)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-12)
+
+
+def test_lattice_keys_decode_to_scores_and_indices():
+    from dpmot_dist.ot.sources import Source
+
+    g = torch.Generator().manual_seed(8)
+    y = torch.randn(40, 6, generator=g)
+    h = torch.randn(40, generator=g)
+    lat = Source(lattice=4).draw(6, 6, 0, 2)
+    s, m, _ = lat.q.shape
+    a = (lat.q.reshape(s * m, -1) @ y.T).reshape(s, m, -1)
+    best = ts.lattice_candidates(a[:, :, :25], lat.coef, h[:25], 0, None, 5)
+    best = ts.lattice_candidates(a[:, :, 25:], lat.coef, h[25:], 25, best, 5)
+    scores, cand = ts.lattice_topc(best, 5)
+    ref = torch.einsum("sgm,smt->sgt", lat.coef, a).reshape(s * 4, -1) + h
+    top = torch.sort(ref, dim=1, descending=True, stable=True)
+    assert torch.equal(cand, top.indices[:, :5])
+    torch.testing.assert_close(scores, top.values[:, :5], rtol=1e-6, atol=1e-6)

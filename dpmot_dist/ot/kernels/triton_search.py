@@ -439,3 +439,115 @@ if triton is not None:
         best = tl.sort(best, dim=1, descending=True)
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + slots[None, :]
         tl.store(out, _unpack_index(best), mask=(rows[:, None] < B) & (slots[None, :] < n_out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lattice points: scores from their subspace's projections, merged on chip
+
+
+def lattice_candidates(
+    a: torch.Tensor,
+    coef: torch.Tensor,
+    h: torch.Tensor,
+    start: int,
+    best: torch.Tensor | None,
+    c: int,
+    *,
+    block_p: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    r"""Merge one tile of targets into the running top-c of every lattice point, on chip.
+
+    For subspace s with projections a_{sjt} = ⟨q_sj, y_t⟩ of the tile's targets t (computed
+    beforehand by one GEMM), point g of s scores
+
+    .. math:: \tilde s_{sgt} = \tilde h_t + \sum_{j<m} c_{sgj}\, a_{sjt}
+
+    (fp32, 2m + 1 flops): the kernel forms these scores tile by tile in registers and merges
+    them into each point's running list of packed (score, index) keys, as
+    :func:`fused_candidates` does for plain rows; no (points × N) score matrix is written.
+
+    Args:
+        a: (S, m, T) float32 projections of targets start..start+T. coef: (S, G, m) float32.
+        h: (T,) float32 offsets of the tile. start: global index of the tile's first target.
+        best: (S·G, C') int64 running keys from the previous tiles, or None for the first.
+        c: candidates wanted (C' = c rounded up to a power of two).
+    Returns:
+        The updated (S·G, C') keys; :func:`lattice_topc` turns them into indices.
+    """
+    s, m, t = a.shape
+    g = coef.shape[1]
+    width = max(2, 1 << (c - 1).bit_length())
+    if best is None:
+        slots = torch.arange(width, device=a.device, dtype=torch.int64)
+        best = (slots + (-(2**63) + 1)).expand(s * g, width).contiguous()
+    grid = (triton.cdiv(s * g, block_p),)
+    _lattice_kernel[grid](
+        a.contiguous(),
+        coef.contiguous(),
+        h.contiguous(),
+        best,
+        s * g,
+        g,
+        t,
+        start,
+        M=m,
+        C=width,
+        BLOCK_P=block_p,
+        BLOCK_N=block_n,
+    )
+    return best
+
+
+def lattice_topc(best: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, c) float32 scores s̃ and int64 indices of :func:`lattice_candidates`' keys, best
+    first (ties: lowest index); empty slots have index −1 and score −inf."""
+    keys = torch.sort(best, dim=1, descending=True).values[:, :c]
+    low = 2**32 - 1
+    filled = (keys >> 32) > -(2**31)
+    index = torch.where(filled, low - (keys & low), torch.full_like(keys, -1))
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)  # the key's order map is an involution
+    scores = torch.where(
+        filled, bits.view(torch.float32), torch.full_like(bits, 0).float() - math.inf
+    )
+    return scores, index
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lattice_kernel(
+        a_ptr,
+        coef_ptr,
+        h_ptr,
+        best_ptr,
+        P,
+        G,
+        T,
+        start,
+        M: tl.constexpr,
+        C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """One program: BLOCK_P lattice points against the T targets of one tile."""
+        points = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        live = points < P
+        sub = points // G  # each point's subspace
+        slots = tl.arange(0, C)
+        keys = best_ptr + points.to(tl.int64)[:, None] * C + slots[None, :]
+        best = tl.load(keys, mask=live[:, None], other=_KEY_NONE)
+        rows = a_ptr + (sub.to(tl.int64) * M)[:, None] * T
+        for n0 in range(0, T, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            valid = live[:, None] & (cols < T)[None, :]
+            s = tl.load(h_ptr + cols, mask=cols < T, other=0.0)[None, :] + tl.zeros(
+                [BLOCK_P, BLOCK_N], dtype=tl.float32
+            )
+            for j in range(M):
+                cj = tl.load(coef_ptr + points.to(tl.int64) * M + j, mask=live, other=0.0)
+                aj = tl.load(rows + j * T + cols[None, :], mask=valid, other=0.0)
+                s += cj[:, None] * aj
+            best = _merge_tile(best, _pack_keys(s, start + cols[None, :], valid))
+        tl.store(keys, best, mask=live[:, None])

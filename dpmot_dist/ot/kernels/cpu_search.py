@@ -1,0 +1,217 @@
+r"""Fused CPU search kernels (numba): running top-c and exact re-score without B×N temporaries.
+
+The CPU counterpart of :mod:`dpmot_dist.ot.kernels.triton_search`. The O(D) work stays a BLAS
+GEMM (``torch.addmm`` on a tile of targets, multi-threaded); these kernels do the rest in one
+pass over each tile, rows in parallel:
+
+- :func:`topc_rows`: merge a (B, T) tile of candidate scores s̃ into each row's running list
+  of the c best (value, index). A row's tile is skipped after one vectorised max when it holds
+  nothing above the row's current c-th best, so after the first tiles the cost is one compare
+  per score.
+- :func:`topc_lattice`: the same for lattice points (:class:`~dpmot_dist.ot.sources.Lattice`)
+  scored from their subspace's m projections: for subspace s, point g and target t,
+
+  .. math:: \tilde s_{sgt} = \tilde h_t + \sum_{j<m} c_{sgj} a_{sjt},
+            \qquad a_{sjt} = \langle q_{sj}, y_t \rangle,
+
+  2m + 1 flops per point and target, computed in L1-sized blocks of targets and merged into
+  the running top-c at once: no (points × N) score matrix is ever written.
+- :func:`rescore_rows` / :func:`rescore_lattice`: stage 2 of the search (see
+  :mod:`dpmot_dist.ot.search`): the exact float64 scores ⟨x, y_c⟩ + h_c of a row's candidates
+  and its top-k with ties to the lowest index. Rows whose candidate-pass gap between the k-th
+  and (k+1)-th score exceeds twice their error bound re-score only k candidates. Lattice
+  points are formed on the fly in fp32 in the same order as
+  :meth:`~dpmot_dist.ot.sources.Lattice.points` (x = c₀q₀, then x + c_j q_j, each product and
+  sum rounded to fp32), so the result is bit for bit that of searching the explicit points.
+
+Numba compiles each kernel on first use (cached on disk next to this file when writable). The
+package works without numba: :func:`available` says whether these kernels can run, and the
+search falls back to torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # the search falls back to torch
+    numba = None
+else:
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool: its OpenMP layer would load a second libgomp beside
+        # torch's and faiss's, and the two crash each other
+        numba.config.THREADING_LAYER = "workqueue"
+
+BLOCK = 512  # targets scored per block in topc_lattice (4 rows of 2 KiB stay in L1)
+
+
+def available() -> bool:
+    """Whether numba is importable (the kernels compile on first use)."""
+    return numba is not None
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` threads in the kernels' parallel loops."""
+    if numba is not None:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def empty_topc(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Empty running lists: values −inf (float32), indices −1 (int64), each (rows, c)."""
+    return np.full((rows, c), -np.inf, np.float32), np.full((rows, c), -1, np.int64)
+
+
+if numba is not None:
+
+    @njit(inline="always", fastmath=True)
+    def _block_max(buf, n):
+        """max(buf[:n]) (reassociated: vectorised; exact, since max is order-free)."""
+        mx = buf[0]
+        for t in range(1, n):
+            mx = max(mx, buf[t])
+        return mx
+
+    @njit(inline="always")
+    def _insert(bv, bi, v, idx):
+        """Insert (v, idx) into the sorted list (bv, bi) when it beats the last entry;
+        equal values keep the earlier (lower-index) entry first."""
+        c = bv.shape[0]
+        if not v > bv[c - 1]:
+            return
+        q = c - 1
+        while q > 0 and bv[q - 1] < v:
+            bv[q] = bv[q - 1]
+            bi[q] = bi[q - 1]
+            q -= 1
+        bv[q] = v
+        bi[q] = idx
+
+    @njit(inline="always")
+    def _merge_block(buf, n, t0, bv, bi):
+        """Merge scores buf[:n] of targets t0.. into one running list."""
+        if _block_max(buf, n) <= bv[bv.shape[0] - 1]:
+            return
+        for t in range(n):
+            _insert(bv, bi, buf[t], t0 + t)
+
+    @njit(parallel=True, cache=True)
+    def topc_rows(s, t0, best_v, best_i):
+        """Merge the (B, T) score tile of targets t0..t0+T into the (B, c) running lists."""
+        for b in prange(s.shape[0]):
+            _merge_block(s[b], s.shape[1], t0, best_v[b], best_i[b])
+
+    @njit(parallel=True, cache=True)
+    def topc_lattice(a, coef, h, t0, best_v, best_i):
+        """Running top-c of lattice points over the targets t0..t0+T of one tile.
+
+        a: (S, m, T) float32 projections ⟨q_sj, y_t⟩; coef: (S, G, m) float32; h: (T,)
+        float32 offsets of the tile; best_v, best_i: (S·G, c) running lists (point s·G + g).
+        """
+        n_sub, m, width = a.shape
+        g_pts = coef.shape[1]
+        for s in prange(n_sub):
+            buf = np.empty(BLOCK, np.float32)
+            for b0 in range(0, width, BLOCK):
+                n = min(BLOCK, width - b0)
+                for g in range(g_pts):
+                    c0 = coef[s, g, 0]
+                    for t in range(n):
+                        buf[t] = h[b0 + t] + c0 * a[s, 0, b0 + t]
+                    for j in range(1, m):
+                        cj = coef[s, g, j]
+                        for t in range(n):
+                            buf[t] += cj * a[s, j, b0 + t]
+                    p = s * g_pts + g
+                    _merge_block(buf, n, t0 + b0, best_v[p], best_i[p])
+
+    @njit(inline="always")
+    def _select_topk(vals, idx, r, k, out_v, out_i):
+        """Top-k of (vals[:r], idx[:r]) by (−value, index) into out_v, out_i (length k)."""
+        for q in range(k):
+            out_v[q] = -np.inf
+            out_i[q] = -1
+        for j in range(r):
+            v, i = vals[j], idx[j]
+            if i < 0:
+                continue
+            q = k
+            while q > 0 and (
+                out_i[q - 1] < 0 or v > out_v[q - 1] or (v == out_v[q - 1] and i < out_i[q - 1])
+            ):
+                q -= 1
+            if q < k:
+                for z in range(k - 1, q, -1):
+                    out_v[z] = out_v[z - 1]
+                    out_i[z] = out_i[z - 1]
+                out_v[q] = v
+                out_i[q] = i
+
+    @njit(inline="always")
+    def _rescored_count(cand_v, b, k, bound):
+        """Candidates of row b to re-score: k when the gap certifies them, else all c."""
+        c = cand_v.shape[1]
+        if c > k and cand_v[b, k - 1] - cand_v[b, k] > 2.0 * bound[b]:
+            return k
+        return c
+
+    @njit(parallel=True, cache=True)
+    def rescore_rows(x, y, h, cand_v, cand_i, bound, k, offset, out_v, out_i):
+        """Exact top-k of every row of x from its candidates (see the module docstring).
+
+        x: (B, D) float32; y: (N, D) float32; h: (N,) float64; cand_v, cand_i: (B, c)
+        candidate-pass scores and local indices (−1: none); bound: (B,) float64 error bounds;
+        offset: added to the returned indices; out_v (B, k) float64, out_i (B, k) int64.
+        """
+        c = cand_i.shape[1]
+        for b in prange(x.shape[0]):
+            r = _rescored_count(cand_v, b, k, bound)
+            vals = np.empty(c, np.float64)
+            for j in range(r):
+                i = cand_i[b, j]
+                if i < 0:
+                    vals[j] = -np.inf
+                    continue
+                acc = 0.0
+                for d in range(x.shape[1]):
+                    acc += np.float64(x[b, d]) * np.float64(y[i, d])
+                vals[j] = acc + h[i]
+            _select_topk(vals, cand_i[b], r, k, out_v[b], out_i[b])
+            for q in range(k):
+                if out_i[b, q] >= 0:
+                    out_i[b, q] += offset
+
+    @njit(parallel=True, cache=True)
+    def rescore_lattice(q, coef, y, h, cand_v, cand_i, bound, k, offset, out_v, out_i):
+        """:func:`rescore_rows` for lattice points x_sg = Σ_j coef[s, g, j] q[s, j], formed in
+        fp32 in :meth:`Lattice.points`' order (q: (S, m, D), coef: (S, G, m) float32)."""
+        n_sub, m, dim = q.shape
+        g_pts = coef.shape[1]
+        c = cand_i.shape[1]
+        for p in prange(n_sub * g_pts):
+            s, g = p // g_pts, p % g_pts
+            x = np.empty(dim, np.float32)
+            for d in range(dim):
+                x[d] = coef[s, g, 0] * q[s, 0, d]
+            for j in range(1, m):
+                cj = coef[s, g, j]
+                for d in range(dim):
+                    x[d] = x[d] + np.float32(cj * q[s, j, d])
+            r = _rescored_count(cand_v, p, k, bound)
+            vals = np.empty(c, np.float64)
+            for j in range(r):
+                i = cand_i[p, j]
+                if i < 0:
+                    vals[j] = -np.inf
+                    continue
+                acc = 0.0
+                for d in range(dim):
+                    acc += np.float64(x[d]) * np.float64(y[i, d])
+                vals[j] = acc + h[i]
+            _select_topk(vals, cand_i[p], r, k, out_v[p], out_i[p])
+            for z in range(k):
+                if out_i[p, z] >= 0:
+                    out_i[p, z] += offset
