@@ -41,7 +41,7 @@ def gpus_per_actor(device: str) -> int:
 
 
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads in torch and FAISS (None: leave the defaults)."""
+    """Use ``threads`` CPU threads in torch, the numba kernels and FAISS (None: defaults)."""
     if not threads:
         return
     torch.set_num_threads(threads)
@@ -49,6 +49,12 @@ def set_threads(threads: int | None) -> None:
         import faiss
 
         faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+    try:
+        import numba
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     except ImportError:
         pass
 

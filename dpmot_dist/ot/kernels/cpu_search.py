@@ -54,12 +54,6 @@ def available() -> bool:
     return numba is not None
 
 
-def set_threads(threads: int) -> None:
-    """Use ``threads`` threads in the kernels' parallel loops."""
-    if numba is not None:
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-
-
 def empty_topc(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Empty running lists: values −inf (float32), indices −1 (int64), each (rows, c)."""
     return np.full((rows, c), -np.inf, np.float32), np.full((rows, c), -1, np.int64)
