@@ -68,6 +68,11 @@ class SolverState:
     snap_h: np.ndarray = field(default_factory=lambda: np.zeros(0))
     snap_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
     snap_samples: int = 0
+    adam_t: int = 0
+    stop_reason: str = ""
+    cv_off: bool = False
+    cv_quick_refreshes: int = 0
+    last_check: dict = field(default_factory=dict)
 
     _ARRAYS = ("h", "m", "v", "h_avg", "snap_h", "snap_counts")
 
@@ -86,6 +91,7 @@ class SolverState:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             scalars = json.loads(str(z["state"]))
             arrays = {name: z[name].copy() for name in cls._ARRAYS if name in z.files}
+        scalars.setdefault("adam_t", scalars.get("iteration", 0))  # checkpoints before it
         return cls(**arrays, **scalars)
 
 
@@ -96,11 +102,16 @@ class SDOTResult:
     Attributes:
         h: (N,) the potential (the iterate average when averaging is on), mean 0.
         h_last: (N,) the last iterate.
-        converged: whether a tolerance was met before ``max_iters``.
-        iterations, samples: work done.
-        metrics: one dict per logged iteration (see :meth:`SDOTSolver.record`).
-        evaluation: TV, max relative error, empty fraction and energy of ``h`` on a fresh
-            evaluation sample (and its size and noise floor); empty when not evaluated.
+        converged: whether the fit stopped by itself (converged, or a tolerance was met)
+            rather than at ``max_iters``.
+        stop_reason: ``converged`` (the schedule is exhausted and ‖ĝ‖ has stalled),
+            ``tolerance`` (``tol_*`` met) or ``iteration cap``.
+        iterations, samples: work done (samples count projections).
+        metrics: one dict per logged iteration (see :meth:`SDOTSolver.step`).
+        evaluation: TV, worst cell (``max_rel_err``, ``worst_cell``, its masses), empty
+            fraction and energy of ``h`` on a fresh evaluation sample, with its size and noise
+            floor (``tv_upper_bound`` when the sample cap kept the floor above TV/3); empty when
+            not evaluated.
     """
 
     h: np.ndarray
@@ -110,21 +121,35 @@ class SDOTResult:
     samples: int
     metrics: list[dict]
     evaluation: dict = field(default_factory=dict)
+    stop_reason: str = ""
 
 
 def cell_errors(mu: np.ndarray, nu: np.ndarray) -> dict[str, float]:
-    """TV = ½Σ|μ_i − ν_i|, max_i |μ_i/ν_i − 1| and the fraction of empty cells (ν_i > 0)."""
-    pos = nu > 0
+    """TV = ½Σ|μ_i − ν_i|, the worst cell i* = argmax_i |μ_i/ν_i − 1| (``max_rel_err``,
+    ``worst_cell``) and the fraction of empty cells (ν_i > 0)."""
+    pos = np.flatnonzero(nu > 0)
+    rel = mu[pos] / nu[pos] - 1.0
+    worst = int(np.argmax(np.abs(rel)))
     return {
         "tv": 0.5 * float(np.abs(mu - nu).sum()),
-        "max_rel_err": float(np.max(np.abs(mu[pos] / nu[pos] - 1.0))),
+        "max_rel_err": float(abs(rel[worst])),
+        "worst_cell": int(pos[worst]),
         "empty_frac": float(np.mean(mu[pos] == 0)),
     }
 
 
-def tv_noise_floor(n: int, samples: int) -> float:
-    """Expected TV of a perfect h measured with ``samples`` points: ≈ sqrt(N / (2π B))."""
-    return math.sqrt(n / (2 * math.pi * samples))
+def tv_noise_floor(n: int, samples: int, nu: np.ndarray | None = None) -> float:
+    """Expected TV of a perfect h measured with ``samples`` points:
+    Σ_i sqrt(ν_i (1 − ν_i) / (2π B)), ≈ sqrt(N / (2π B)) for uniform weights."""
+    if nu is None:
+        return math.sqrt(n / (2 * math.pi * samples))
+    return float(np.sqrt(nu * (1 - nu) / (2 * math.pi * samples)).sum())
+
+
+def cell_noise(nu: np.ndarray, samples: int) -> np.ndarray:
+    """Standard deviation of each cell's measured relative error μ̂_i/ν_i − 1 with ``samples``
+    independent points at the optimum: sqrt((1 − ν_i) / (B ν_i))."""
+    return np.sqrt((1 - nu) / (samples * np.maximum(nu, 1e-300)))
 
 
 def _opt(default, help: str):
@@ -147,9 +172,23 @@ class SDOTSolver:
             power ``tail_power``), ``samples`` (over the whole run, each iterate weighted by
             its batch × (samples so far)^``tail_power``, so no schedule change throws the
             average's samples away), ``ema`` (decay ``ema_decay``) or ``none``.
-        tol_grad, tol_tv: stop when ‖ĝ‖₂ (resp. the batch TV) falls below it with no empty
-            cell; ``None`` disables. ``max_iters`` caps the run.
-        eval_samples: size of the fresh evaluation sample (0 disables evaluation).
+        tol_grad: stop when the batch ‖ĝ‖₂ falls below it with no empty cell. tol_tv,
+            tol_rel_err: stop when the averaged potential's TV (resp. every cell's relative
+            error) on a fresh sample, checked every ``check_every`` iterations and sized to
+            resolve the tolerance (at most ``eval_max_samples``), is within it. ``None``
+            disables. ``max_iters`` caps the run.
+        stop: ``converged`` also stops when the schedule is exhausted (``max_growths``
+            reached) and ‖ĝ‖ stalls once more: the batch no longer grows, the step no longer
+            shrinks, and further iterations only average noise. ``cap``: run to
+            ``max_iters`` (or a tolerance).
+        adam_reset: ``phase`` restarts Adam's moments (and their bias correction) at every
+            schedule change. With β2 = 0.999 the second moment otherwise remembers the
+            transient's gradients for ~1,000 iterations: a cell that started far off (at h = 0
+            a corner cell of the 2-D square holds 25× its mass) keeps a step ~20× too small
+            long after its error has become the fit's largest.
+        eval_samples: size of the fresh evaluation sample (0 disables evaluation); it grows
+            until its noise floor is at most a third of the TV it reports, up to
+            ``eval_max_samples``.
         epsilon: soft assignments at temperature ε = epsilon × the score gap over each
             sample's top ``soft_k`` cells (0: hard argmax); ε decays by ``epsilon_decay`` at
             each schedule step and is 0 after ``soft_phases`` of them.
@@ -159,9 +198,11 @@ class SDOTSolver:
             snapshot h_s, while μ(W(h_s)) is averaged over every sample since (an SVRG-style
             control variate, Johnson & Zhang 2013, whose full gradient accumulates for free:
             the h_s argmax is read off the same top-``cv_k`` search). A new snapshot is taken
-            at the current h when more than ``cv_refresh`` of a batch changed cells (or more than
-            half of it had to be searched again). Hard
-            phases only (ε = 0). ``none``: plain Monte Carlo counts.
+            at the current h when more than ``cv_refresh`` of a batch changed cells or more than
+            ``cv_research_max`` of it had to be searched again; when a fresh snapshot is used
+            up again within two iterations, the control variate steps aside until the next
+            schedule change (it would cost more searches than it saves). Hard phases only
+            (ε = 0). ``none``: plain Monte Carlo counts.
     """
 
     lr: float | None = _opt(None, "Adam step (default: lr_scale × the median score gap)")
@@ -194,6 +235,20 @@ class SDOTSolver:
     )
     cv_refresh: float = _opt(0.2, "new snapshot when more than this share of a batch moved")
     cv_k: int = _opt(4, "top-k that certifies the snapshot's cells")
+    cv_research_max: float = _opt(
+        0.2, "new snapshot when more than this share of a batch is searched again"
+    )
+    adam_reset: Literal["phase", "none"] = _opt(
+        "phase", "phase: forget Adam's moments at every schedule change"
+    )
+    stop: Literal["converged", "cap"] = _opt(
+        "converged", "converged: stop once the schedule is exhausted and ‖ĝ‖ has stalled"
+    )
+    tol_rel_err: float | None = _opt(
+        None, "stop when every cell's mass is within this relative error (fresh sample)"
+    )
+    check_every: int = _opt(50, "iterations between the fresh-sample checks of tol_tv/rel_err")
+    eval_max_samples: int = _opt(0, "cap of the growing evaluation sample (0: 16 × eval_samples)")
 
     def __post_init__(self) -> None:
         checks = {
@@ -216,12 +271,18 @@ class SDOTSolver:
             "soft_k ≥ 2": self.soft_k >= 2,
             "cv_k ≥ 2": self.cv_k >= 2,
             "0 < cv_refresh ≤ 1": 0 < self.cv_refresh <= 1,
+            "0 < cv_research_max ≤ 1": 0 < self.cv_research_max <= 1,
+            "tol_rel_err > 0": self.tol_rel_err is None or self.tol_rel_err > 0,
+            "check_every ≥ 1": self.check_every >= 1,
+            "eval_max_samples ≥ 0": self.eval_max_samples >= 0,
         }
         choices = {
             "stall_rule": ("window", "best"),
             "control_variate": ("snapshot", "none"),
             "averaging": ("tail", "samples", "ema", "none"),
             "optimizer": ("adam", "sgd"),
+            "adam_reset": ("phase", "none"),
+            "stop": ("converged", "cap"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -256,7 +317,8 @@ class SDOTSolver:
         state: SolverState | None = None,
         callback: Callable[[SolverState, dict], None] | None = None,
     ) -> SDOTResult:
-        """Run from ``state`` (a fresh one if None) until a tolerance or ``max_iters``.
+        """Run from ``state`` (a fresh one if None) until it stops (see ``stop``, ``tol_*``)
+        or ``max_iters``; then evaluate the potential on a fresh sample.
 
         ``callback(state, record)`` runs after every iteration (checkpoints, progress).
         """
@@ -266,12 +328,14 @@ class SDOTSolver:
             record = self.step(assigner, nu, state)
             if callback is not None:
                 callback(state, record)
-        if not state.converged and (self.tol_grad is not None or self.tol_tv is not None):
-            warnings.warn(
-                f"SDOT stopped at max_iters={self.max_iters} before reaching the tolerance",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if not state.converged:
+            state.stop_reason = "iteration cap"
+            if self._tolerances():
+                warnings.warn(
+                    f"SDOT stopped at max_iters={self.max_iters} before reaching the tolerance",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         h = self.potential(state)
         evaluation = self.evaluate(assigner, nu, h) if self.eval_samples else {}
         return SDOTResult(
@@ -282,24 +346,21 @@ class SDOTSolver:
             samples=state.samples,
             metrics=list(state.metrics),
             evaluation=evaluation,
+            stop_reason=state.stop_reason,
         )
 
+    def _tolerances(self) -> bool:
+        return any(t is not None for t in (self.tol_grad, self.tol_tv, self.tol_rel_err))
+
     def step(self, assigner: Assigner, nu: np.ndarray, state: SolverState) -> dict:
-        """One iteration: assign a batch, Adam step, centre, average, schedule, stop test."""
+        """One iteration: assign a batch, optimizer step, centre, average, schedule, stop test.
+
+        Returns the iteration's record (``iter``, ``energy``, ``grad_l2``, ``tv``,
+        ``max_rel_err``, ``worst_cell``, ``empty_frac`` of the batch's cell masses, ``samples``
+        so far, ``seconds``, ``lr``, ``batch``, timings, control-variate figures).
+        """
         t0 = time.perf_counter()
-        key = (TRAIN_STREAM, state.iteration)
-        snapshot = self.control_variate == "snapshot" and state.epsilon == 0
-        if snapshot:
-            if state.snap_samples == 0:
-                state.snap_h, state.snap_counts = state.h.copy(), np.zeros(len(nu))
-            a = assigner.assign_snapshot(state.h, state.snap_h, key, state.batch, self.cv_k)
-            state.snap_counts += a.snap_counts
-            state.snap_samples += a.samples
-            mu = (a.counts - a.snap_counts) / a.samples + state.snap_counts / state.snap_samples
-            a.hard_counts = a.counts
-        else:
-            a = assigner.assign(state.h, key, state.batch, state.epsilon, self.soft_k)
-            mu = a.cell_mass()
+        a, mu = self._cell_masses(assigner, nu, state)
         grad = mu - nu
         energy = a.u_sum / a.samples - float(nu @ state.h)
         state.iteration += 1
@@ -329,20 +390,16 @@ class SDOTSolver:
             "dropped": a.dropped,
             **a.timings,
         }
-        if snapshot:
+        if a.snap_counts is not None:
             record.update(
                 cv_changed=a.changed,
                 cv_researched=a.researched,
+                cv_researched_share=a.researched / max(1, a.samples),
                 cv_snapshot_samples=state.snap_samples,
             )
-            if a.changed > self.cv_refresh or a.researched > 0.5 * a.samples:
-                state.snap_samples = 0  # the next iteration takes a new snapshot at h
+            self._maybe_refresh_snapshot(state, a)
         self._schedule(state, grad_l2)
-        no_empty = errors["empty_frac"] == 0
-        state.converged = no_empty and (
-            (self.tol_grad is not None and grad_l2 < self.tol_grad)
-            or (self.tol_tv is not None and errors["tv"] < self.tol_tv)
-        )
+        self._stop_test(assigner, nu, state, grad_l2, errors, record)
         if (
             state.iteration % self.log_every == 0
             or state.iteration == 1
@@ -352,14 +409,97 @@ class SDOTSolver:
             state.metrics.append(record)
         return record
 
+    def _cell_masses(self, assigner: Assigner, nu: np.ndarray, state: SolverState):
+        """The batch's statistics and its estimate of μ(W(h)): plain counts, or with the
+        snapshot control variate m̂(h) = [counts(h) − counts(h_s)]/B + Σ counts(h_s)/Σ B."""
+        key = (TRAIN_STREAM, state.iteration)
+        if self.control_variate == "none" or state.epsilon > 0 or state.cv_off:
+            a = assigner.assign(state.h, key, state.batch, state.epsilon, self.soft_k)
+            return a, a.cell_mass()
+        if state.snap_samples == 0:
+            state.snap_h, state.snap_counts = state.h.copy(), np.zeros(len(nu))
+        a = assigner.assign_snapshot(state.h, state.snap_h, key, state.batch, self.cv_k)
+        state.snap_counts += a.snap_counts
+        state.snap_samples += a.samples
+        mu = (a.counts - a.snap_counts) / a.samples + state.snap_counts / state.snap_samples
+        a.hard_counts = a.counts
+        return a, mu
+
+    def _maybe_refresh_snapshot(self, state: SolverState, a) -> None:
+        """New snapshot when the batch moved or needed too many searches; step aside for
+        the phase when a fresh snapshot is used up again at once."""
+        if a.changed <= self.cv_refresh and a.researched <= self.cv_research_max * a.samples:
+            state.cv_quick_refreshes = 0
+            return
+        fresh = state.snap_samples <= 2 * a.samples  # this snapshot lasted ≤ 2 iterations
+        state.cv_quick_refreshes = state.cv_quick_refreshes + 1 if fresh else 0
+        state.snap_samples = 0  # the next iteration takes a new snapshot at h
+        if state.cv_quick_refreshes >= 2:
+            state.cv_off = True
+            log.info(
+                "iteration %d: the snapshot control variate steps aside until the next "
+                "schedule change (%.0f%% of the batch searched again)",
+                state.iteration,
+                100 * a.researched / max(1, a.samples),
+            )
+
+    def _stop_test(self, assigner, nu, state: SolverState, grad_l2, errors, record) -> None:
+        """Tolerances (``tol_grad`` on the batch; ``tol_tv``/``tol_rel_err`` on a fresh
+        sample every ``check_every`` iterations) and, with ``stop="converged"``, the end of
+        the schedule."""
+        no_empty = errors["empty_frac"] == 0
+        if self.tol_grad is not None and no_empty and grad_l2 < self.tol_grad:
+            state.converged, state.stop_reason = True, "tolerance"
+            return
+        due = state.iteration % self.check_every == 0 or state.stop_reason == "exhausted"
+        if (self.tol_tv is not None or self.tol_rel_err is not None) and due:
+            check = self.check_tolerance(assigner, nu, self.potential(state), state.iteration)
+            state.last_check = check
+            record["check"] = check
+            if check["met"]:
+                state.converged, state.stop_reason = True, "tolerance"
+                return
+        if state.stop_reason == "exhausted":
+            state.converged, state.stop_reason = True, "converged"
+            log.info(
+                "iteration %d: converged (the schedule is exhausted and ‖g‖ has stalled)",
+                state.iteration,
+            )
+            if self._tolerances():
+                log.warning("the fit converged before reaching its tolerance")
+
+    def check_tolerance(
+        self, assigner: Assigner, nu: np.ndarray, h: np.ndarray, index: int = 0
+    ) -> dict:
+        """Is h within ``tol_tv`` / ``tol_rel_err``? Measured on a fresh sample large enough
+        that its noise resolves the tolerance (TV floor ≤ tol_tv/3; every cell's relative
+        noise ≤ tol_rel_err/4), at most the evaluation cap."""
+        need = self.eval_samples or 1 << 16
+        if self.tol_tv is not None:
+            need = max(need, math.ceil(9 * assigner.n / (2 * math.pi * self.tol_tv**2)))
+        if self.tol_rel_err is not None:
+            need = max(need, math.ceil(16 * (1 - nu.min()) / (nu.min() * self.tol_rel_err**2)))
+        samples = min(need, self._eval_cap())
+        a = assigner.assign(h, (EVAL_STREAM, 1, index), samples)  # a fresh sample per check
+        out = cell_errors(a.cell_mass(), nu)
+        out["samples"] = a.projections
+        out["met"] = (self.tol_tv is None or out["tv"] <= self.tol_tv) and (
+            self.tol_rel_err is None or out["max_rel_err"] <= self.tol_rel_err
+        )
+        return out
+
+    def _eval_cap(self) -> int:
+        return self.eval_max_samples or 16 * max(self.eval_samples, 1 << 16)
+
     def _adam(self, state: SolverState, grad: np.ndarray) -> None:
         """h ← h − lr · m̂ / (sqrt(v̂) + ε); without bias correction m̂ = m, v̂ = v (reference)."""
         b1, b2 = self.betas
+        state.adam_t += 1
         state.m = b1 * state.m + (1 - b1) * grad
         state.v = b2 * state.v + (1 - b2) * grad * grad
         m_hat, v_hat = state.m, state.v
         if self.bias_correction:
-            t = state.iteration
+            t = state.adam_t
             m_hat, v_hat = m_hat / (1 - b1**t), v_hat / (1 - b2**t)
         state.h = state.h - state.lr * m_hat / (np.sqrt(v_hat) + self.adam_eps)
 
@@ -401,8 +541,13 @@ class SDOTSolver:
         return stalled
 
     def _schedule(self, state: SolverState, grad_l2: float) -> None:
-        """Grow the batch and decay the step when ‖ĝ‖₂ has stalled (see :meth:`_stalled`)."""
-        if not self._stalled(state, grad_l2) or state.growths >= self.max_growths:
+        """Grow the batch and decay the step when ‖ĝ‖₂ has stalled (see :meth:`_stalled`);
+        a stall with the schedule exhausted marks the fit converged (``stop="converged"``)."""
+        if not self._stalled(state, grad_l2):
+            return
+        if state.growths >= self.max_growths:
+            if self.stop == "converged":
+                state.stop_reason = "exhausted"
             return
         state.growths += 1
         state.batch = math.ceil(state.batch * self.growth)
@@ -412,6 +557,9 @@ class SDOTSolver:
             state.epsilon = 0.0  # later phases use the hard argmax: no entropic bias
         state.stall, state.best_grad, state.window_sum = 0, math.inf, 0.0
         state.prev_window = math.inf
+        state.cv_off, state.cv_quick_refreshes = False, 0
+        if self.adam_reset == "phase":
+            state.m, state.v, state.adam_t = np.zeros_like(state.m), np.zeros_like(state.v), 0
         if self.averaging == "tail":
             state.avg_count = 0
         log.info(
@@ -427,13 +575,33 @@ class SDOTSolver:
         return h - h.mean()
 
     def evaluate(self, assigner: Assigner, nu: np.ndarray, h: np.ndarray) -> dict:
-        """Cell errors and energy of ``h`` on a fresh sample of ``eval_samples`` points."""
-        a = assigner.assign(h, (EVAL_STREAM,), self.eval_samples)
-        out = cell_errors(a.cell_mass(), nu)
-        out["energy"] = a.u_sum / a.samples - float(nu @ h)
-        out["samples"] = a.samples
-        # a lattice's points are correlated: the floor of its projections is conservative
-        out["tv_noise_floor"] = tv_noise_floor(assigner.n, a.projections)
+        """Cell errors and energy of ``h`` on a fresh sample that can judge them.
+
+        The sample starts at ``eval_samples`` points and grows until its TV noise floor
+        (:func:`tv_noise_floor`) is at most a third of the TV it measures, or it reaches the
+        cap (``eval_max_samples``); then ``tv_upper_bound`` says the TV is mostly noise. The
+        worst cell comes with its masses and its own noise (``worst_cell_noise``: the standard
+        deviation of its measured relative error).
+        """
+        samples = self.eval_samples
+        for rounds in range(8):
+            a = assigner.assign(h, (EVAL_STREAM, 0, rounds), samples)
+            out = cell_errors(a.cell_mass(), nu)
+            # a lattice's points are correlated: the floor of its projections is conservative
+            floor = tv_noise_floor(assigner.n, a.projections, nu)
+            if floor <= out["tv"] / 3 or samples >= self._eval_cap():
+                break
+            samples = min(self._eval_cap(), math.ceil(samples * (3.3 * floor / out["tv"]) ** 2))
+        i = out["worst_cell"]
+        out.update(
+            energy=a.u_sum / a.samples - float(nu @ h),
+            samples=a.samples,
+            tv_noise_floor=floor,
+            tv_upper_bound=floor > out["tv"] / 3,
+            worst_cell_mass=float(a.cell_mass()[i]),
+            worst_cell_target=float(nu[i]),
+            worst_cell_noise=float(cell_noise(nu[i : i + 1], a.projections)[0]),
+        )
         return out
 
 
