@@ -77,6 +77,11 @@ class Block:
     def rows(self) -> int:
         return self.stop - self.start
 
+    @property
+    def name(self) -> str:
+        """The block as errors name it: its object and rows there."""
+        return f"{self.obj} (rows {self.obj_start}..{self.obj_start + self.rows - 1})"
+
 
 @dataclass(frozen=True)
 class Source:

@@ -197,7 +197,7 @@ class Transform:
         if raw.dtype.kind == "f":
             _check_finite(block, raw.reshape(len(raw), -1))
         if self.value_range is not None:
-            images.check_range(raw, self.value_range, self.scale, block_name(block))
+            images.check_range(raw, self.value_range, self.scale, block.name)
         x = images.scale_pixels(raw, self.scale)
         if self.layout in ("flat", "latent"):
             return x.reshape(len(x), *self.data_shape)
@@ -223,12 +223,6 @@ class Transform:
         return (
             self.schedule.diffuse(x, self.step, eps).reshape(rows * self.copies, self.dim).numpy()
         )
-
-
-def block_name(block: Block) -> str:
-    """A block as errors name it: its object and rows."""
-    last = block.obj_start + block.rows - 1
-    return f"{block.obj} (rows {block.obj_start}..{last})"
 
 
 def _check_finite(block: Block, rows: np.ndarray) -> None:
