@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dpmot_dist.errors import DpmotError
-from dpmot_dist.io import images, readers
+from dpmot_dist.io import images, readers, storage
 from dpmot_dist.io.readers import open_source
 
 
@@ -131,3 +131,19 @@ def test_parquet_image_column_mode_is_the_data_set_s(tmp_path: Path, rng) -> Non
     np.testing.assert_array_equal(x[-1], colour)
     np.testing.assert_array_equal(x[0], np.repeat(grey[:, :, None], 3, 2))
     assert open_source(tmp_path / "x.parquet", mode="L").row_shape == (4, 4, 1)
+
+
+def test_mode_scan_on_s3(s3_bucket: str, rng) -> None:
+    """The header scan through s3fs (ranged reads; a header longer than them; an empty object)."""
+    grey = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    storage.write_bytes_atomic(f"{s3_bucket}/imgs/0.jpg", jpeg_with_big_header(grey))
+    storage.write_bytes_atomic(f"{s3_bucket}/imgs/1.png", images.encode_png(grey))
+    assert open_source(f"{s3_bucket}/imgs").row_shape == (8, 8, 1)
+    colour = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    storage.write_bytes_atomic(f"{s3_bucket}/imgs/2.png", images.encode_png(colour))
+    source = open_source(f"{s3_bucket}/imgs")
+    assert source.row_shape == (8, 8, 3)
+    np.testing.assert_array_equal(read_all(source)[2], colour)
+    storage.write_bytes_atomic(f"{s3_bucket}/empty/0.png", b"")
+    with pytest.raises(DpmotError, match=r"empty/0.png: not a readable PNG/JPEG image"):
+        open_source(f"{s3_bucket}/empty")
