@@ -115,8 +115,11 @@ def check_range(x: np.ndarray, stored: ValueRange, scaling: Scaling, name: str) 
     if _within(lo, hi, stored):
         return
     found = _auto_scale(lo, hi)
-    hint = f"--scale {found[1]} reads [{found[0][0]:g}, {found[0][1]:g}]" if found else ""
-    hint = hint or "--scale none reads them as stored"
+    if found is None:
+        hint = "--scale none reads them as stored"
+    else:
+        (a, b), fit = found
+        hint = f"--scale {fit} reads [{a:g}, {b:g}]"
     raise DpmotError(
         f"{name}: float values in [{lo:.4g}, {hi:.4g}], but --scale {scaling} reads "
         f"[{stored[0]:g}, {stored[1]:g}]; pass the --scale that fits ({hint})"
