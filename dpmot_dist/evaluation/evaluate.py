@@ -8,7 +8,11 @@
   (2048, 2048), pytorch-fid's and clean-fid's layout). Features come from the FID
   Inception-v3 (:mod:`dpmot_dist.evaluation.inception`) on K Ray actors (one GPU each when
   the cluster has GPUs), one Parquet chunk per task; ``--workers 0`` runs in process. Samples are
-  quantised to 8 bits first, as their PNGs are.
+  quantised to 8 bits first, as their PNGs are. ``--fid-convention`` says how the 8-bit
+  images become the network's input: ``pytorch-fid`` (the default: bilinear resize to 299,
+  2·p/255 − 1) or ``clean-fid`` (PIL bicubic, (p − 128)/128); the report names it
+  (``fid_convention``). Reference statistics made by ``--make-ref-stats`` record their
+  convention, and statistics of another convention are refused.
 - ``--classifier``: the mode-mixture rate of a TorchScript classifier ``model(x) -> logits``
   over thresholds t (a sample is mixed when ≥ 2 classes have probability ≥ t).
 - ``--targets``: the memorisation rate against the training data (``--fresh`` held-out
@@ -18,6 +22,8 @@
 
 ``dpmot eval --make-ref-stats --data URI --out stats.npz`` writes reference statistics of a
 data set: images (``.npy``/``.npz``, Parquet, a folder of PNG/JPEG) or a samples data set.
+Image files are read as RGB unless all are greyscale (``--mode``); float image arrays by
+their range, as ``prepare`` reads them (``--scale``; :mod:`dpmot_dist.io.images`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pydantic import Field, model_validator
 from dpmot_dist.config import Config
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.evaluation import inception, metrics
+from dpmot_dist.evaluation.inception import FidConvention
 from dpmot_dist.io import datasets, images, storage
 from dpmot_dist.io.readers import Block, Source, open_source
 from dpmot_dist.runtime import actor_error, ensure_ray, gpus_per_actor, resolve_device
@@ -47,8 +54,25 @@ class EvalConfig(Config):
     """Options of ``dpmot eval`` (config-file keys are the field names)."""
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "data": ("samples", "targets", "fresh", "gmm", "data", "max_samples", "seed"),
-        "metrics": ("ref_stats", "inception", "classifier", "classifier_output", "thresholds"),
+        "data": (
+            "samples",
+            "targets",
+            "fresh",
+            "gmm",
+            "data",
+            "mode",
+            "scale",
+            "max_samples",
+            "seed",
+        ),
+        "metrics": (
+            "ref_stats",
+            "inception",
+            "fid_convention",
+            "classifier",
+            "classifier_output",
+            "thresholds",
+        ),
         "cluster": ("workers", "cpus_per_worker", "device", "batch"),
         "output": ("out", "make_ref_stats"),
     }
@@ -56,7 +80,14 @@ class EvalConfig(Config):
     samples: str | None = Field(None, description="samples data set to evaluate")
     ref_stats: str | None = Field(None, description="FID reference statistics .npz (mu, sigma)")
     inception: str | None = Field(
-        None, description=f"Inception weights file (default ${inception.WEIGHTS_ENV})"
+        None,
+        description=f"Inception weights file (default ${inception.WEIGHTS_ENV}, else "
+        f"{inception.WEIGHT_FILES[0]} in torch hub's cache, $TORCH_HOME/hub/checkpoints)",
+    )
+    fid_convention: FidConvention = Field(
+        "pytorch-fid",
+        description="FID preprocessing: pytorch-fid (bilinear resize to 299, 2·p/255 − 1) or "
+        "clean-fid (PIL bicubic resize to 299, (p − 128)/128)",
     )
     classifier: str | None = Field(None, description="TorchScript classifier model(x) → logits")
     classifier_output: Literal["logits", "probs"] = "logits"
@@ -66,6 +97,14 @@ class EvalConfig(Config):
     gmm: str | None = Field(None, description="Gaussian mixture .npz/.json: mode metrics")
     make_ref_stats: bool = Field(False, description="build FID statistics of --data into --out")
     data: str | None = Field(None, description="--make-ref-stats: images or a samples data set")
+    mode: images.ColourMode = Field(
+        "auto", description="--data image files: auto (RGB unless all are grey), L or RGB"
+    )
+    scale: Literal["auto", "none", "minus1_1", "minus1_1_from_255"] = Field(
+        "auto",
+        description="--data float images: auto (by their range), none ([−1, 1]), minus1_1 "
+        "([0, 1]) or minus1_1_from_255 ([0, 255])",
+    )
     out: str | None = Field(None, description="report .json (or stats .npz)")
     workers: int = Field(0, ge=0, description="Ray feature actors (0: in process)")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -97,33 +136,43 @@ class ChunkImages:
     limit: int | None = None
 
     def images(self) -> np.ndarray:
+        """(rows, C, H, W) uint8: the samples quantised as their PNGs are."""
         table = pq.read_table(io.BytesIO(storage.read_bytes(self.uri)), columns=["x"])
         if self.limit is not None:
             table = table.slice(0, self.limit)
         flat = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return quantise(flat.reshape(len(table), *self.shape))
+        return images.to_uint8(flat.reshape(len(table), *self.shape), "minus1_1")
 
 
 @dataclass(frozen=True)
 class SourceImages:
-    """One block of an image data set (:mod:`dpmot_dist.io.readers`), scaled to [−1, 1]."""
+    """One block of an image data set (:mod:`dpmot_dist.io.readers`); stored values are read
+    with ``scale`` (resolved by :func:`data_tasks`; ``value_range`` checked)."""
 
     source: Source
     block: Block
+    scale: images.Scaling = "minus1_1"
+    value_range: images.ValueRange | None = None
 
     def images(self) -> np.ndarray:
+        """(rows, C, H, W) uint8."""
         raw = self.source.read(self.block)
-        shape = tuple(self.source.row_shape)
-        layout = "nhwc" if self.source.encoded else images.resolve_layout("auto", shape)
-        if layout == "flat":
-            raise DpmotError(f"{self.source.uri}: rows of shape {shape} are not images")
-        x = images.scale_pixels(raw, images.resolve_scale("auto", raw.dtype))
-        return images.to_nchw(x, layout)
+        layout = image_layout(self.source)
+        if raw.dtype != np.uint8 or self.scale != "minus1_1":
+            if self.value_range is not None:
+                images.check_range(raw, self.value_range, self.scale, self.block.name)
+            raw = images.to_uint8(images.scale_pixels(raw, self.scale), "minus1_1")
+        return images.to_nchw(raw, layout)
 
 
-def quantise(x: np.ndarray) -> np.ndarray:
-    """Values in [−1, 1] rounded to the 256 levels of an 8-bit PNG (as float32)."""
-    return (np.clip(np.rint((x + 1) * 127.5), 0, 255) / 127.5 - 1).astype(np.float32)
+def image_layout(source: Source) -> str:
+    """How a source's rows are images (``nchw``/``nhwc``, 1 or 3 channels); an error when
+    they are not."""
+    shape = tuple(source.row_shape)
+    layout = "nhwc" if source.encoded else images.resolve_layout("auto", shape)
+    if not images.is_image_rows(layout, shape):
+        raise DpmotError(f"{source.uri}: rows of shape {shape} are not images (1 or 3 channels)")
+    return layout
 
 
 class FeatureWorker:
@@ -132,26 +181,40 @@ class FeatureWorker:
     Runs as a Ray actor (``--workers K``) or in process.
     """
 
-    def __init__(self, weights: str | None, state: dict | None, device: str, batch: int) -> None:
+    def __init__(
+        self,
+        weights: str | None,
+        state: dict | None,
+        device: str,
+        batch: int,
+        convention: FidConvention = "pytorch-fid",
+    ) -> None:
         self.device = torch.device(resolve_device(device))
         self.model = inception.load_inception(weights, self.device, state)
         self.batch = batch
+        self.convention = convention
 
     def features(self, task: ChunkImages | SourceImages) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(task.images(), np.float32))
-        return inception.inception_features(self.model, x, self.batch).float().numpy()
+        pixels = torch.from_numpy(np.ascontiguousarray(task.images()))
+        f = inception.inception_features(self.model, pixels, self.batch, self.convention)
+        return f.float().numpy()
 
 
 def compute_features(cfg: EvalConfig, tasks: list) -> np.ndarray:
     """Features of every task's images, in task order, on ``cfg.workers`` actors or here."""
     t0 = time.perf_counter()
     if not cfg.workers:
-        worker = FeatureWorker(cfg.inception, None, cfg.device, cfg.batch)
+        worker = FeatureWorker(cfg.inception, None, cfg.device, cfg.batch, cfg.fid_convention)
         feats = [worker.features(t) for t in tasks]
     else:
         feats = _ray_features(cfg, tasks)
     out = np.concatenate(feats) if feats else np.empty((0, inception.FEATURES), np.float32)
-    log.info("Inception features of %d images in %.1f s", len(out), time.perf_counter() - t0)
+    log.info(
+        "Inception features (%s) of %d images in %.1f s",
+        cfg.fid_convention,
+        len(out),
+        time.perf_counter() - t0,
+    )
     return out
 
 
@@ -164,7 +227,7 @@ def _ray_features(cfg: EvalConfig, tasks: list) -> list[np.ndarray]:
     gpus = gpus_per_actor(cfg.device)
     remote = ray.remote(FeatureWorker).options(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
     actors = [
-        remote.remote(uri, state, cfg.device, cfg.batch)
+        remote.remote(uri, state, cfg.device, cfg.batch, cfg.fid_convention)
         for _ in range(min(cfg.workers, len(tasks)))
     ]
     try:
@@ -198,14 +261,26 @@ def chunk_tasks(uri: str, max_samples: int | None = None) -> list[ChunkImages]:
     return tasks
 
 
-def data_tasks(uri: str, max_samples: int | None = None, rows: int = 1024) -> list:
-    """Tasks over a data set of images, or over a samples data set's chunks."""
+def data_tasks(
+    uri: str,
+    max_samples: int | None = None,
+    rows: int = 1024,
+    mode: images.ColourMode = "auto",
+    scale: images.Scale = "auto",
+) -> list:
+    """Tasks over a data set of images (colour ``mode``; values read with ``scale``, float
+    images in ``auto`` by the range of the first block), or over a samples data set's chunks."""
     if datasets.manifest_kind(uri) == datasets.SAMPLES_KIND:
         return chunk_tasks(uri, max_samples)
-    source = open_source(uri)
+    source = open_source(uri, mode=mode)
+    image_layout(source)  # fail here, not in every task
+    floats = np.dtype(source.dtype).kind == "f"
+    head = source.head(rows) if scale == "auto" and floats else None
+    scaling, value_range = images.resolve_scale(scale, np.dtype(source.dtype), head, uri)
     n = source.n if max_samples is None else min(source.n, max_samples)
     view = source.worker_view()
-    return [SourceImages(view, b) for b in source.blocks(rows) if b.start < n]
+    blocks = [b for b in source.blocks(rows) if b.start < n]
+    return [SourceImages(view, b, scaling, value_range) for b in blocks]
 
 
 def read_points(uri: str, max_rows: int | None = None) -> np.ndarray:
@@ -224,11 +299,16 @@ def read_points(uri: str, max_rows: int | None = None) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def load_ref_stats(uri: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of an .npz reference statistics file."""
+def load_ref_stats(
+    uri: str, convention: FidConvention = "pytorch-fid"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of an .npz reference statistics file; refused when the file names a FID
+    convention (``fid_convention``, as :func:`save_ref_stats` writes) other than ``convention``.
+    """
     try:
         z = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
         mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+        theirs = str(z["fid_convention"]) if "fid_convention" in z.files else None
     except KeyError as e:
         raise DpmotError(f"{uri}: reference statistics lack {e} (need mu and sigma)") from None
     except (ValueError, OSError) as e:
@@ -237,12 +317,23 @@ def load_ref_stats(uri: str) -> tuple[np.ndarray, np.ndarray]:
         raise DpmotError(f"{uri}: mu {mu.shape} and sigma {sigma.shape} do not match")
     if len(mu) != inception.FEATURES:
         raise DpmotError(f"{uri}: statistics of {len(mu)} features; Inception pool3 has 2048")
+    if theirs is None:
+        log.info("%s does not name its FID convention; taken to be %s", uri, convention)
+    elif theirs != convention:
+        raise DpmotError(
+            f"{uri}: reference statistics of the {theirs} FID convention, features here are "
+            f"{convention}'s; pass --fid-convention {theirs} or make the statistics with "
+            f"--fid-convention {convention}"
+        )
     return mu, sigma
 
 
-def save_ref_stats(uri: str, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+def save_ref_stats(
+    uri: str, mu: np.ndarray, sigma: np.ndarray, n: int, convention: FidConvention
+) -> None:
+    """``mu``, ``sigma`` (pytorch-fid's and clean-fid's keys), ``num`` and ``fid_convention``."""
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, num=np.int64(n))
+    np.savez(buf, mu=mu, sigma=sigma, num=np.int64(n), fid_convention=np.array(convention))
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
@@ -261,14 +352,20 @@ def load_classifier(uri: str, device: torch.device):
 
 
 def make_ref_stats(cfg: EvalConfig) -> dict[str, Any]:
-    """Inception statistics of ``cfg.data`` written to ``cfg.out`` (.npz with mu, sigma)."""
-    tasks = data_tasks(cfg.data, cfg.max_samples)
+    """Inception statistics of ``cfg.data`` written to ``cfg.out`` (.npz with mu, sigma and
+    the FID convention)."""
+    tasks = data_tasks(cfg.data, cfg.max_samples, mode=cfg.mode, scale=cfg.scale)
     feats = compute_features(cfg, tasks)
     if cfg.max_samples is not None:
         feats = feats[: cfg.max_samples]
     mu, sigma = metrics.feature_statistics(feats)
-    save_ref_stats(cfg.out, mu, sigma, len(feats))
-    return {"data": cfg.data, "out": cfg.out, "num": len(feats)}
+    save_ref_stats(cfg.out, mu, sigma, len(feats), cfg.fid_convention)
+    return {
+        "data": cfg.data,
+        "out": cfg.out,
+        "num": len(feats),
+        "fid_convention": cfg.fid_convention,
+    }
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -278,12 +375,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     manifest = datasets.read_samples_manifest(cfg.samples)
     report: dict[str, Any] = {"samples": cfg.samples, "num": manifest["num"]}
     if cfg.ref_stats:
-        mu_ref, sigma_ref = load_ref_stats(cfg.ref_stats)  # fail before the slow part
+        # fail before the slow part
+        mu_ref, sigma_ref = load_ref_stats(cfg.ref_stats, cfg.fid_convention)
         feats = compute_features(cfg, chunk_tasks(cfg.samples, cfg.max_samples))
         report["fid"] = metrics.frechet_distance(
             *metrics.feature_statistics(feats), mu_ref, sigma_ref
         )
         report["fid_samples"] = len(feats)
+        report["fid_convention"] = cfg.fid_convention
     needs_points = cfg.classifier or cfg.targets or cfg.gmm
     x = read_points(cfg.samples, cfg.max_samples) if needs_points else None
     if cfg.classifier:

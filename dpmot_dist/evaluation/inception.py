@@ -4,29 +4,50 @@ Plain torch (no torchvision). The layer names match pytorch-fid's ``FIDInception
 network and torch-fidelity's ``FeatureExtractorInceptionV3``, so either project's weight file
 (``pt_inception-2015-12-05-6726825d.pth`` / ``weights-inception-2015-12-05-6726825d.pth``,
 the same tensors) loads into :class:`FIDInceptionV3` with ``torch.load(weights_only=True)``.
-Nothing is ever downloaded: the file comes from the caller or ``$DPMOT_INCEPTION_WEIGHTS``.
+Nothing is ever downloaded: :func:`weights_path` takes the caller's file, else
+``$DPMOT_INCEPTION_WEIGHTS``, else one of those files in torch hub's cache, where pytorch-fid
+and torch-fidelity leave them (``torch.hub.get_dir()/checkpoints``: ``$TORCH_HOME/hub``,
+default ``$XDG_CACHE_HOME/torch/hub`` or ``~/.cache/torch/hub``).
 
-Preprocessing is pytorch-fid's: images (B, 3, H, W) in [−1, 1] are resized to 299×299 with
-bilinear interpolation (``align_corners=False``); the features are the 2048 channels of the
-final average pool. (torch-fidelity resizes with a TF1-compatible kernel; FIDs from the two
-differ slightly, as they do between those projects.)
+The network sees 8-bit images (B, C, H, W), C ∈ {1, 3} (grey is repeated to RGB, as
+``convert("RGB")`` does), prepared by one of two FID conventions; the features are the 2048
+channels of the final average pool:
+
+- ``pytorch-fid`` (the default): p / 255 resized to 299×299 by PyTorch's bilinear
+  interpolation (``align_corners=False``), then 2x − 1.
+- ``clean-fid`` (clean-fid's default ``mode="clean"``): each channel of the 8-bit image resized
+  to 299×299 by PIL's bicubic filter as a 32-bit float image, clipped to [0, 255] and not
+  re-quantised, then (x − 128) / 128.
+
+torch-fidelity differs from pytorch-fid in both steps: it resizes with a TF1-compatible
+bilinear kernel and normalises with (p − 128) / 128. FIDs from the three differ (by tens of
+percent on small images), so a FID is only comparable with one of the same convention.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import storage
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_ENV = "DPMOT_INCEPTION_WEIGHTS"
+# pytorch-fid's and torch-fidelity's names for the same weights, as they cache them.
+WEIGHT_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 FEATURES = 2048
 SIZE = 299
+FidConvention = Literal["pytorch-fid", "clean-fid"]
 # Keys a weight file may carry that this network does not use.
 _IGNORED = ("AuxLogits.", "num_batches_tracked")
 
@@ -151,7 +172,7 @@ class FIDInceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Images (B, 3, H, W) in [−1, 1] → pool3 features (B, 2048)."""
+    """Network inputs (B, 3, 299, 299) (:func:`network_input`) → pool3 features (B, 2048)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,7 +195,6 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # the 1008 logits; kept so the weight files load as is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
@@ -186,16 +206,29 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
+def hub_weights() -> list[str]:
+    """Where pytorch-fid and torch-fidelity cache the weights: ``WEIGHT_FILES`` in
+    ``torch.hub.get_dir()/checkpoints`` (honours ``$TORCH_HOME`` and ``$XDG_CACHE_HOME``)."""
+    return [os.path.join(torch.hub.get_dir(), "checkpoints", name) for name in WEIGHT_FILES]
+
+
 def weights_path(path: str | None = None) -> str:
-    """The weight file: ``path``, else ``$DPMOT_INCEPTION_WEIGHTS``; an error when neither."""
+    """The weight file: ``path``, else ``$DPMOT_INCEPTION_WEIGHTS``, else the first of
+    :func:`hub_weights` that exists; an error naming every place looked at when none."""
     path = path or os.environ.get(WEIGHTS_ENV)
-    if not path:
+    if path:
+        return os.fspath(path)
+    cached = hub_weights()
+    found = next((f for f in cached if os.path.isfile(f)), None)
+    if found is None:
         raise DpmotError(
-            "FID needs the Inception weights: pass --inception FILE or set "
-            f"{WEIGHTS_ENV} (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
-            "torch-fidelity's weights-inception-2015-12-05-6726825d.pth); nothing is downloaded"
+            "FID needs the Inception weights and found none (looked at --inception: not given; "
+            f"${WEIGHTS_ENV}: not set; torch hub's cache: {', '.join(cached)}): pass "
+            f"--inception FILE or set {WEIGHTS_ENV} to pytorch-fid's {WEIGHT_FILES[0]} or "
+            f"torch-fidelity's {WEIGHT_FILES[1]}; nothing is downloaded"
         )
-    return os.fspath(path)
+    log.info("Inception weights from torch hub's cache: %s", found)
+    return found
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -238,7 +271,7 @@ def load_inception(
     device: torch.device | str = "cpu",
     state: dict[str, torch.Tensor] | None = None,
 ) -> FIDInceptionV3:
-    """The FID network with the weights of ``path`` (or ``$DPMOT_INCEPTION_WEIGHTS``), or of
+    """The FID network with the weights of ``path`` (else :func:`weights_path`'s file), or of
     an already read ``state``; in eval mode on ``device``."""
     uri = weights_path(path) if state is None else (path or "<state dict>")
     model = FIDInceptionV3()
@@ -246,20 +279,53 @@ def load_inception(
     return model.to(device).eval().requires_grad_(False)
 
 
-def to_inception_input(x: torch.Tensor) -> torch.Tensor:
-    """Samples (B, C, H, W) with C ∈ {1, 3} in [−1, 1] → (B, 3, H, W) clipped to [−1, 1]."""
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise DpmotError(f"FID needs images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
-    x = x.clamp(-1, 1)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+def to_rgb(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit images (B, C, H, W), C ∈ {1, 3} → (B, 3, H, W) (grey repeated, as convert("RGB"))."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] not in (1, 3):
+        raise DpmotError(
+            f"FID needs 8-bit images (B, 1 or 3, H, W), got {pixels.dtype} {tuple(pixels.shape)}"
+        )
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
+def pytorch_fid_input(pixels: torch.Tensor) -> torch.Tensor:
+    """pytorch-fid: x = bilinear_299(p / 255) (``align_corners=False``), then 2x − 1."""
+    x = F.interpolate(pixels.float() / 255, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+def clean_fid_input(pixels: torch.Tensor) -> torch.Tensor:
+    """clean-fid: x = clip(PIL_bicubic_299(p), 0, 255) per channel in float32 (no
+    re-quantisation), then (x − 128) / 128."""
+    p = pixels.cpu().numpy()
+    x = np.empty((*p.shape[:2], SIZE, SIZE), np.float32)
+    for i, c in np.ndindex(*p.shape[:2]):
+        channel = Image.fromarray(p[i, c].astype(np.float32))  # mode "F"
+        x[i, c] = np.asarray(channel.resize((SIZE, SIZE), resample=Image.Resampling.BICUBIC))
+    x = torch.from_numpy(x.clip(0, 255)).to(pixels.device)
+    return (x - 128) / 128
+
+
+_INPUTS = {"pytorch-fid": pytorch_fid_input, "clean-fid": clean_fid_input}
+
+
+def network_input(pixels: torch.Tensor, convention: FidConvention = "pytorch-fid") -> torch.Tensor:
+    """8-bit images (B, C, H, W), C ∈ {1, 3} → network input (B, 3, 299, 299) float32 as
+    the FID ``convention`` prepares them (see the module docstring)."""
+    return _INPUTS[convention](to_rgb(pixels))
 
 
 @torch.no_grad()
-def inception_features(model: FIDInceptionV3, x: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    """Pool3 features (B, 2048) float64 of images x (B, C, H, W) in [−1, 1]."""
+def inception_features(
+    model: FIDInceptionV3,
+    pixels: torch.Tensor,
+    batch: int = 100,
+    convention: FidConvention = "pytorch-fid",
+) -> torch.Tensor:
+    """Pool3 features (B, 2048) float64 of 8-bit images (B, C, H, W) under ``convention``."""
     device = next(model.parameters()).device
     out = [
-        model(to_inception_input(x[a : a + batch].float()).to(device)).double().cpu()
-        for a in range(0, len(x), batch)
+        model(network_input(pixels[a : a + batch].to(device), convention)).double().cpu()
+        for a in range(0, len(pixels), batch)
     ]
     return torch.cat(out) if out else torch.empty(0, FEATURES, dtype=torch.float64)

@@ -20,8 +20,13 @@ Kinds (chosen by :func:`open_source` from the URI):
   data set) gives the per-row shape of flat lists.
 - A folder of PNG/JPEG files (recursively, sorted by path; one file per row).
 
-Encoded images are decoded to (H, W, C) uint8 — grey-scale if the first image is, RGB
-otherwise — and, when ``image_size`` is given, resized as :func:`images.decode_image` does.
+Encoded images are decoded to (H, W, C) uint8 in one colour mode for the whole data set —
+RGB unless every image is greyscale (then L), or the ``mode`` asked for — and, when
+``image_size`` is given, resized as :func:`images.decode_image` does. Deciding that every
+image is greyscale reads headers only (:func:`images.peek_mode`), in path order, and stops at
+the first colour image: for a colour data set that is its first file or so; an all-grey data
+set has every header read once by the driver (the bytes of a Parquet column, the first
+16 KiB of each file of a folder, fetched concurrently), which ``mode`` L or RGB skips.
 Every error is a one-line :class:`DpmotError` naming the object (file, or file and row).
 """
 
@@ -51,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 _NPY_HEAD_BYTES = 1 << 17
 _PARQUET_SUFFIXES = (".parquet", ".pq")
+_IMAGE_HEAD_BYTES = 1 << 14  # enough for PNG/JPEG headers (longer ones: the whole file)
+_MODE_BATCH = 64  # headers fetched at once while deciding a data set's colour mode
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,11 @@ class Block:
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        """The block as errors name it: its object and rows there."""
+        return f"{self.obj} (rows {self.obj_start}..{self.obj_start + self.rows - 1})"
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,10 @@ class Source:
     def read(self, block: Block) -> np.ndarray:
         """The block's rows, ``(rows, *row_shape)`` in ``dtype``."""
         raise NotImplementedError
+
+    def head(self, rows: int = 1024) -> np.ndarray:
+        """The first block of about ``rows`` rows (driver side: what ``auto`` settings probe)."""
+        return self.read(self.blocks(rows)[0])
 
     def worker_view(self) -> Source:
         """A copy without what only :meth:`blocks` needs (file lists), to ship to workers."""
@@ -138,6 +154,25 @@ def _check_numeric(uri: str, dtype: np.dtype) -> None:
 def _uri_of(fs: Any, path: str) -> str:
     """The URI of a protocol-less path on ``fs`` (as users wrote it: no file:// for local)."""
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _dataset_mode(uri: str, mode: images.ColourMode, modes: Iterator[tuple[str, str]]) -> str:
+    """``mode``, or for ``auto`` RGB unless every image is greyscale (``modes``: each image's
+    name and mode, in order; read up to the first colour image only)."""
+    if mode != "auto":
+        return mode
+    colour = next((name for name, m in modes if m == "RGB"), None)
+    if colour is None:
+        logger.info("%s: every image is greyscale: decoded as L (one channel)", uri)
+        return "L"
+    logger.debug("%s: decoded as RGB (%s is a colour image)", uri, colour)
+    return "RGB"
+
+
+def _mode_of(data: bytes, name: str) -> str:
+    """The colour mode of one encoded image from its complete bytes."""
+    mode = images.peek_mode(data)
+    return mode or ("L" if images.decode_image(data, name).shape[2] == 1 else "RGB")
 
 
 def _is_hidden(path: str) -> bool:
@@ -377,7 +412,8 @@ class ParquetSource(Source):
         return dataclasses.replace(self, files=())
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "column": self.column, "files": len(self.files)}
+        out = {**super().describe(), "column": self.column, "files": len(self.files)}
+        return {**out, "mode": self.mode} if self.encoded else out
 
     @classmethod
     def open(
@@ -387,6 +423,7 @@ class ParquetSource(Source):
         column: str | None,
         image_size: int | None,
         shape_hint: Sequence[int] | None = None,
+        mode: images.ColourMode = "auto",
     ) -> ParquetSource:
         parts, schema, name, kind = [], None, "", "array"
         for f in files:
@@ -405,7 +442,7 @@ class ParquetSource(Source):
         first = next(p for p in parts if p.rows)
         probe = src._read_table(Block(0, 1, first.uri, 0, (0,)), first_row_only=True)
         row_shape, dtype, mode = src._probe(
-            first.uri, probe, schema.field(name).type, image_size, shape_hint
+            first.uri, probe, schema.field(name).type, image_size, shape_hint, mode
         )
         _check_rows(uri, n, row_shape)
         return cls(
@@ -427,12 +464,14 @@ class ParquetSource(Source):
         t: pa.DataType,
         image_size: int | None,
         shape_hint: Sequence[int] | None,
+        mode: images.ColourMode,
     ) -> tuple[tuple[int, ...], str, str]:
-        """(row shape, dtype, image mode) from the column type and the first row."""
+        """(row shape, dtype, image mode) from the column type and the first row (encoded
+        images: the data set's mode, :func:`_dataset_mode`)."""
         col = table.column(self.column).combine_chunks()
         if self.encoded:
-            img = images.decode_image(_image_bytes(col)[0], f"{obj} (row 0)", size=image_size)
-            mode = "L" if img.shape[2] == 1 else "RGB"
+            mode = _dataset_mode(self.uri, mode, self._image_modes())
+            img = images.decode_image(_image_bytes(col)[0], f"{obj} (row 0)", mode, image_size)
             return img.shape, "uint8", mode
         if self.column_kind == "array":
             shape, leaf = _fixed_shape(t)
@@ -469,6 +508,17 @@ class ParquetSource(Source):
             return self._decode(block, _image_bytes(col))
         values = _flat_values(block.obj, col, self.column_kind, math.prod(self.row_shape))
         return values.reshape(block.rows, *self.row_shape)
+
+    def _image_modes(self) -> Iterator[tuple[str, str]]:
+        """(name, colour mode) of each row's image in order; null rows are left to read()."""
+        for part in self.files:
+            with _parquet_file(part.uri) as pf:
+                batches = pf.iter_batches(batch_size=_MODE_BATCH, columns=[self.column])
+                rows = (b for batch in batches for b in _image_bytes(batch.column(0)))
+                for r, data in enumerate(rows):
+                    if data is not None:
+                        name = f"{part.uri} (row {r})"
+                        yield name, _mode_of(data, name)
 
     def _read_table(self, block: Block, first_row_only: bool = False) -> pa.Table:
         with _parquet_file(block.obj) as pf:
@@ -586,11 +636,17 @@ class ImageFolderSource(Source):
         return True
 
     @classmethod
-    def open(cls, uri: str, paths: Sequence[str], image_size: int | None) -> ImageFolderSource:
+    def open(
+        cls,
+        uri: str,
+        paths: Sequence[str],
+        image_size: int | None,
+        mode: images.ColourMode = "auto",
+    ) -> ImageFolderSource:
         fs, _ = storage.url_to_fs(uri)
+        mode = _dataset_mode(uri, mode, _file_modes(uri, fs, paths))
         first = _uri_of(fs, paths[0])
-        img = images.decode_image(storage.read_bytes(first), first, size=image_size)
-        mode = "L" if img.shape[2] == 1 else "RGB"
+        img = images.decode_image(storage.read_bytes(first), first, mode, image_size)
         return cls(
             uri,
             len(paths),
@@ -603,7 +659,8 @@ class ImageFolderSource(Source):
         )
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "first_file": self.files[0], "last_file": self.files[-1]}
+        ends = {"first_file": self.files[0], "last_file": self.files[-1]}
+        return {**super().describe(), **ends, "mode": self.mode}
 
     def worker_view(self) -> ImageFolderSource:
         return dataclasses.replace(self, files=())
@@ -630,14 +687,34 @@ class ImageFolderSource(Source):
         return out
 
 
+def _file_modes(uri: str, fs: Any, paths: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(URI, colour mode) of each image file from its first bytes (the whole file when its
+    header is longer), ``_MODE_BATCH`` files fetched at once."""
+    for a in range(0, len(paths), _MODE_BATCH):
+        if a and a % (1 << 16) == 0:
+            logger.info("%s: %d of %d images grey so far (--mode skips this)", uri, a, len(paths))
+        batch = list(paths[a : a + _MODE_BATCH])
+        n = len(batch)
+        with storage.storage_errors(uri):
+            heads = fs.cat_ranges(batch, [0] * n, [_IMAGE_HEAD_BYTES] * n, on_error="return")
+        for path, head in zip(batch, heads, strict=True):
+            name = _uri_of(fs, path)
+            mode = None if isinstance(head, BaseException) else images.peek_mode(head)
+            yield name, mode or _mode_of(storage.read_bytes(name), name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Opening
 
 
 def open_source(
-    uri: storage.Uri, column: str | None = None, image_size: int | None = None
+    uri: storage.Uri,
+    column: str | None = None,
+    image_size: int | None = None,
+    mode: images.ColourMode = "auto",
 ) -> Source:
-    """Describe the data set at ``uri`` (reads headers, footers and listings only)."""
+    """Describe the data set at ``uri`` (reads headers, footers and listings only; ``mode``:
+    the colour mode of encoded images, ``auto`` for RGB unless every image is greyscale)."""
     uri = os.fspath(uri).rstrip("/")
     fs, path = storage.url_to_fs(uri)
     with storage.storage_errors(uri):
@@ -652,9 +729,9 @@ def open_source(
         if lower.endswith(".npz"):
             return NpzSource.open(uri, column)
         if lower.endswith(_PARQUET_SUFFIXES):
-            return ParquetSource.open(uri, [uri], column, image_size)
+            return ParquetSource.open(uri, [uri], column, image_size, mode=mode)
         if lower.endswith(images.IMAGE_SUFFIXES):
-            return ImageFolderSource.open(uri, [path], image_size)
+            return ImageFolderSource.open(uri, [path], image_size, mode)
         raise DpmotError(
             f"{uri}: unsupported input; expected .npy, .npz, .parquet, or a folder of Parquet "
             "or PNG/JPEG files"
@@ -663,10 +740,10 @@ def open_source(
         found = sorted(p for p in fs.find(path) if not _is_hidden(p))
     tables = [_uri_of(fs, p) for p in found if p.lower().endswith(_PARQUET_SUFFIXES)]
     if tables:
-        return ParquetSource.open(uri, tables, column, image_size, _shape_hint(uri))
+        return ParquetSource.open(uri, tables, column, image_size, _shape_hint(uri), mode)
     pictures = [p for p in found if p.lower().endswith(images.IMAGE_SUFFIXES)]
     if pictures:
-        return ImageFolderSource.open(uri, pictures, image_size)
+        return ImageFolderSource.open(uri, pictures, image_size, mode)
     raise DpmotError(f"{uri}: empty source (no Parquet or PNG/JPEG files in the folder)")
 
 

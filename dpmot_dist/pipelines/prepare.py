@@ -26,6 +26,13 @@ block boundaries) in ``_prepare.json``. A rerun with the same plan on a folder w
 Parquet footer is checked) and writes the rest. A complete output, or a folder holding
 anything else, is only replaced with ``--overwrite``.
 
+Value ranges and colour modes (:mod:`dpmot_dist.io.images`): uint8 images → [−1, 1]; float
+image arrays in [0, 1] or [0, 255] are recognised by the range of their first block (logged)
+and mapped to [−1, 1], floats in [−1, 1] are kept, and every block is checked against the
+range it is read as (``scale`` chooses explicitly); latents (flat rows, ``layout: latent``,
+channels other than 1 or 3) are never rescaled. Image files are decoded as RGB unless every
+file is greyscale (``mode`` L or RGB chooses).
+
 VAE latents: with ``vae=DIR`` (a diffusers ``AutoencoderKL`` folder, or a pipeline folder with
 a ``vae/`` subfolder; any fsspec URI) images are scaled to the model range first (use
 ``scale`` ``minus1_1``/``auto`` for [−1, 1]) and x_0 = scaling_factor · (E[q(z|x)] −
@@ -71,7 +78,16 @@ class PrepareConfig(Config):
     """Options of ``dpmot prepare`` (config-file keys are the field names)."""
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "data": ("data", "column", "scale", "layout", "image_size", "vae", "vae_batch_size"),
+        "data": (
+            "data",
+            "column",
+            "scale",
+            "layout",
+            "mode",
+            "image_size",
+            "vae",
+            "vae_batch_size",
+        ),
         "diffusion": (
             "schedule",
             "step",
@@ -101,9 +117,18 @@ class PrepareConfig(Config):
     sigma_min: float = Field(0.01, gt=0, description="VE: σ at step 0")
     sigma_max: float = Field(50.0, gt=0, description="VE: σ at step T−1")
     scale: images.Scale = Field(
-        "auto", description="auto (uint8 → [−1, 1], floats as stored), none, minus1_1, unit"
+        "auto",
+        description="how stored values are read: auto (uint8 → [−1, 1]; float images by their "
+        "range: [0, 1] and [0, 255] → [−1, 1], [−1, 1] as stored; latents as stored), none, "
+        "minus1_1 ([0, 1] floats or uint → [−1, 1]), minus1_1_from_255 ([0, 255] floats → "
+        "[−1, 1]), unit (→ [0, 1])",
     )
-    layout: images.Layout = Field("auto", description="auto, nchw, nhwc or flat")
+    layout: images.Layout = Field(
+        "auto", description="auto, nchw, nhwc, flat, or latent (rows as stored, never rescaled)"
+    )
+    mode: images.ColourMode = Field(
+        "auto", description="colour mode of image files: auto (RGB unless all are grey), L, RGB"
+    )
     dtype: Literal["float32", "float16"] = Field("float32", description="storage dtype")
     rows_per_part: int | None = Field(
         None, ge=1, description="output rows per part (default: about 128 MiB per part)"
@@ -146,12 +171,13 @@ class PrepareConfig(Config):
 class Transform:
     """What a worker does to one block: stored rows → x_0 (N, *data_shape) → targets (N·K, D).
 
-    ``layout``/``scale`` are resolved (never ``auto``); ``image_size`` resizes stored image
-    arrays (decoded files were resized on decoding).
+    ``layout``/``scale`` are resolved (never ``auto``); ``value_range`` is the stored float
+    range ``scale`` reads (checked on every block; None: not checked); ``image_size`` resizes
+    stored image arrays (decoded files were resized on decoding).
     """
 
-    layout: Literal["nchw", "nhwc", "flat"]
-    scale: Literal["none", "minus1_1", "unit"]
+    layout: Literal["nchw", "nhwc", "flat", "latent"]
+    scale: images.Scaling
     image_size: int | None
     vae: VaeSpec | None
     schedule: Schedule
@@ -160,6 +186,7 @@ class Transform:
     seed: int
     dtype: str
     data_shape: tuple[int, ...]
+    value_range: images.ValueRange | None = None
 
     @property
     def dim(self) -> int:
@@ -169,8 +196,10 @@ class Transform:
         """Data points x_0 (rows, *data_shape) float32 from stored rows (rows, *row_shape)."""
         if raw.dtype.kind == "f":
             _check_finite(block, raw.reshape(len(raw), -1))
+        if self.value_range is not None:
+            images.check_range(raw, self.value_range, self.scale, block.name)
         x = images.scale_pixels(raw, self.scale)
-        if self.layout == "flat":
+        if self.layout in ("flat", "latent"):
             return x.reshape(len(x), *self.data_shape)
         x = images.to_nchw(x, self.layout)
         if self.image_size is not None:
@@ -218,19 +247,26 @@ def make_transform(cfg: PrepareConfig, source: Source) -> Transform:
         if cfg.layout == "nchw":
             raise DpmotError(f"{source.uri}: decoded images are H×W×C; use layout auto or nhwc")
         layout = "flat"
+    if source.encoded and cfg.layout == "latent":
+        raise DpmotError(f"{source.uri}: decoded images are not latents; use layout auto")
     vae = VaeSpec.open(cfg.vae, cfg.vae_batch_size) if cfg.vae else None
-    if layout == "flat":
+    if layout in ("flat", "latent"):
         if vae is not None or cfg.image_size is not None:
-            raise DpmotError(f"{source.uri}: vae and image_size need image rows, not layout flat")
-        data_shape: tuple[int, ...] = (math.prod(shape),)
+            raise DpmotError(
+                f"{source.uri}: vae and image_size need image rows, not layout {layout}"
+            )
+        if layout == "latent" and cfg.scale not in ("auto", "none"):
+            raise DpmotError(f"{source.uri}: layout latent rows are never rescaled; drop scale")
+        data_shape: tuple[int, ...] = (math.prod(shape),) if layout == "flat" else shape
     else:
         data_shape = images.chw_shape(shape, layout)
         if cfg.image_size is not None and not source.encoded:
             data_shape = (data_shape[0], cfg.image_size, cfg.image_size)
         if vae is not None:
             data_shape = vae.latent_shape(data_shape)
-    scale = images.resolve_scale(cfg.scale, np.dtype(source.dtype))
-    if vae is not None and scale != "minus1_1":
+    scale, value_range = _resolve_scale(cfg.scale, source, layout)
+    in_range = scale in ("minus1_1", "minus1_1_from_255") or value_range == (-1.0, 1.0)
+    if vae is not None and not in_range:
         logger.warning("vae: scale resolves to %r; AutoencoderKL expects images in [-1, 1]", scale)
     return Transform(
         layout=layout,
@@ -243,7 +279,24 @@ def make_transform(cfg: PrepareConfig, source: Source) -> Transform:
         seed=cfg.seed,
         dtype=cfg.dtype,
         data_shape=tuple(int(s) for s in data_shape),
+        value_range=value_range,
     )
+
+
+def _resolve_scale(
+    scale: images.Scale, source: Source, layout: str
+) -> tuple[images.Scaling, images.ValueRange | None]:
+    """:func:`images.resolve_scale` against the input: float image rows (not latents) in
+    ``auto`` are read by the range of the first block; latents are never rescaled."""
+    if layout == "latent":
+        return "none", None
+    probe = (
+        scale == "auto"
+        and np.dtype(source.dtype).kind == "f"
+        and images.is_image_rows(layout, source.row_shape)
+    )
+    head = source.head() if probe else None
+    return images.resolve_scale(scale, np.dtype(source.dtype), head, source.uri)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +475,7 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     message on bad input, a bad output folder or storage failures (also from Ray tasks).
     """
     t0 = time.perf_counter()
-    source = open_source(cfg.data, cfg.column, cfg.image_size)
+    source = open_source(cfg.data, cfg.column, cfg.image_size, cfg.mode)
     t = make_transform(cfg, source)
     part_rows = cfg.rows_per_part or max(1, _PART_BYTES // (t.dim * np.dtype(cfg.dtype).itemsize))
     blocks = source.blocks(max(1, part_rows // cfg.copies))

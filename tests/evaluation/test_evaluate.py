@@ -12,8 +12,8 @@ from dpmot_dist.cli import main
 from dpmot_dist.diffusion.models import GaussianMixture
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.evaluation import inception, metrics
-from dpmot_dist.evaluation.evaluate import EvalConfig, quantise, run_eval
-from dpmot_dist.io import storage
+from dpmot_dist.evaluation.evaluate import EvalConfig, run_eval
+from dpmot_dist.io import images, storage
 from dpmot_dist.pipelines.chunks import chunk_table, write_table_atomic
 
 
@@ -45,14 +45,15 @@ def write_samples(folder, x: np.ndarray, chunk: int = 4) -> str:
 
 def test_inception_loads_and_gives_pool3_features(weights):
     model = inception.load_inception(weights)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     f = inception.inception_features(model, x)
     assert f.shape == (2, 2048) and torch.isfinite(f).all() and (f >= 0).all()
     grey = inception.inception_features(model, x[:, :1])
     assert grey.shape == (2, 2048)
 
 
-def test_inception_weights_from_the_environment(weights, monkeypatch):
+def test_inception_weights_from_the_environment(weights, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
     monkeypatch.setenv(inception.WEIGHTS_ENV, weights)
     assert isinstance(inception.load_inception(), inception.FIDInceptionV3)
     monkeypatch.delenv(inception.WEIGHTS_ENV)
@@ -82,7 +83,7 @@ def test_fid_of_samples_against_their_own_statistics(tmp_path, weights, rng):
     assert report["fid_samples"] == 4
     assert abs(report["fid"]) < 1e-3
     # the same statistics from an image .npy (uint8 NHWC, as stored on disk)
-    u8 = np.rint((quantise(x) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    u8 = images.to_uint8(x, "minus1_1").transpose(0, 2, 3, 1)
     np.save(tmp_path / "images.npy", u8)
     stats2 = tmp_path / "stats2.npz"
     run_eval(
