@@ -66,7 +66,9 @@ class Assignment:
 
 
 class Assigner(Protocol):
-    """Anything that maps the stream (seed, *key) of source samples to cell statistics."""
+    """Anything that maps the stream (seed, *key) of source samples to cell statistics:
+    :class:`LocalAssigner` in process, the Ray shard pool of :mod:`dpmot_dist.pipelines.shards`
+    across devices."""
 
     n: int
 
@@ -79,7 +81,13 @@ class Assigner(Protocol):
         k: int = 8,
     ) -> Assignment: ...
 
+    def assign_snapshot(
+        self, h: np.ndarray, h_snap: np.ndarray, key: tuple[int, ...], samples: int, k: int = 4
+    ) -> Assignment: ...
+
     def score_gap(self, key: tuple[int, ...], samples: int) -> float: ...
+
+    def set_source(self, source: Source) -> None: ...
 
 
 def batch_sizes(samples: int, chunk: int) -> list[int]:
@@ -109,10 +117,45 @@ def stream_points(
         yield source.draw(sizes[b], dim, seed, *key, b, device=device)
 
 
-def stream_projections(source: Source, samples: int, chunk: int) -> int:
-    """Projections the stream of ``samples`` spends (lattice batches round up to whole
-    subspaces)."""
-    return sum(source.projections(s) for s in batch_sizes(samples, chunk))
+def stream_projections(
+    source: Source, samples: int, chunk: int, batches: tuple[int, int] | None = None
+) -> int:
+    """Projections the stream of ``samples`` spends in micro-batches ``batches`` (default
+    all; lattice batches round up to whole subspaces)."""
+    sizes = batch_sizes(samples, chunk)
+    b0, b1 = batches if batches is not None else (0, len(sizes))
+    return sum(source.projections(s) for s in sizes[b0:b1])
+
+
+def combine(parts: list[Assignment]) -> Assignment:
+    """The statistics of disjoint sets of samples, summed in the order given (integer
+    counts exactly; float sums in a fixed order, so a repeated run is bit for bit the same)."""
+    first = parts[0]
+    samples = sum(a.samples for a in parts)
+
+    def total(name: str):
+        arrays = [getattr(a, name) for a in parts]
+        return None if arrays[0] is None else np.sum(np.stack(arrays), axis=0)
+
+    def mean(name: str) -> float:
+        return sum(getattr(a, name) * a.samples for a in parts) / max(1, samples)
+
+    timings = {}
+    for name in {k for a in parts for k in a.timings}:
+        values = [a.timings.get(name, 0.0) for a in parts]
+        timings[name] = sum(values) if name.startswith("bytes") else max(values)
+    return Assignment(
+        counts=total("counts"),
+        u_sum=float(sum(a.u_sum for a in parts)),
+        samples=samples,
+        timings=timings,
+        hard_counts=total("hard_counts"),
+        dropped=mean("dropped"),
+        snap_counts=total("snap_counts") if first.snap_counts is not None else None,
+        changed=mean("changed"),
+        researched=sum(a.researched for a in parts),
+        projections=sum(a.projections for a in parts),
+    )
 
 
 def assignment_from_winners(
@@ -178,11 +221,39 @@ def snapshot_winners(
     return winners, certified
 
 
+def snapshot_statistics(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    h: np.ndarray,
+    h_snap: np.ndarray,
+    n: int,
+    chunk: int,
+    research,
+) -> Assignment:
+    """Hard statistics at h and the argmax counts of the same samples at h_snap, from their
+    exact top-k at h (B, k).
+
+    The h_snap cell of a sample is read off its top-k when :func:`snapshot_winners` can prove
+    it; ``research(rows)`` returns the h_snap winners (int64) of the other rows, searched again
+    (few, while h_snap stays close to h).
+    """
+    a = assignment_from_winners(values[:, 0], indices[:, 0], n, chunk)
+    winners, certified = snapshot_winners(values, indices, h, h_snap)
+    rows = torch.nonzero(~certified).flatten()
+    if len(rows):
+        winners[rows] = torch.as_tensor(research(rows)).to(winners.dtype)
+    a.snap_counts = np.bincount(winners.numpy(), minlength=n).astype(np.int64)
+    a.changed = float((winners != torch.as_tensor(indices)[:, 0]).double().mean())
+    a.researched = len(rows)
+    return a
+
+
 class StreamAssigner:
     """An assigner built on ``stream_topk``: the exact top-k of every point of a stream.
 
-    Subclasses provide ``stream_topk`` and, for :meth:`assign_snapshot`, ``source``,
-    ``seed``, ``dim`` and ``search_points``.
+    Subclasses provide ``stream_topk``, ``search_points``, ``source``, ``seed`` and ``dim``.
+    Every method takes ``batches`` = (b0, b1): only the micro-batches b0 ≤ b < b1 of the
+    stream (a replica's share of an iteration); None: all of them.
     """
 
     n: int
@@ -193,7 +264,12 @@ class StreamAssigner:
     stream_device: str = "cpu"
 
     def stream_topk(
-        self, h: np.ndarray, key: tuple[int, ...], samples: int, k: int
+        self,
+        h: np.ndarray,
+        key: tuple[int, ...],
+        samples: int,
+        k: int,
+        batches: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -201,11 +277,19 @@ class StreamAssigner:
         """Exact top-k (values, indices) of arbitrary points x (B, D)."""
         raise NotImplementedError
 
-    def stream_rows(self, key: tuple[int, ...], samples: int, rows: torch.Tensor) -> torch.Tensor:
-        """The points at positions ``rows`` of the stream, regenerating only their batches."""
+    def stream_rows(
+        self,
+        key: tuple[int, ...],
+        samples: int,
+        rows: torch.Tensor,
+        batches: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The points at positions ``rows`` (counted from the first point of micro-batch b0)
+        of the stream, regenerating only their micro-batches."""
         rows = torch.as_tensor(rows, dtype=torch.int64)
         out = torch.empty(len(rows), self.dim)
-        sizes = [self.source.points_per_batch(s) for s in batch_sizes(samples, self.chunk)]
+        b0 = batches[0] if batches is not None else 0
+        sizes = [self.source.points_per_batch(s) for s in batch_sizes(samples, self.chunk)[b0:]]
         starts = torch.tensor(np.cumsum([0, *sizes]))
         b_of = torch.searchsorted(starts, rows, right=True) - 1
         for b in torch.unique(b_of).tolist():
@@ -218,11 +302,16 @@ class StreamAssigner:
                 self.chunk,
                 self.dim,
                 self.stream_device,
-                batches=(b, b + 1),
+                batches=(b0 + b, b0 + b + 1),
             )
             x = x if isinstance(x, torch.Tensor) else x.points()
             out[sel] = x.cpu()[rows[sel] - int(starts[b])]
         return out
+
+    def research(self, h_snap: np.ndarray, key, samples: int, rows, batches=None) -> np.ndarray:
+        """The argmax at ``h_snap`` of the stream's points at ``rows`` (see :meth:`stream_rows`)."""
+        _, idx = self.search_points(self.stream_rows(key, samples, rows, batches), h_snap, 1)
+        return np.asarray(idx)[:, 0]
 
     def assign_snapshot(
         self,
@@ -231,25 +320,22 @@ class StreamAssigner:
         key: tuple[int, ...],
         samples: int,
         k: int = 4,
+        batches: tuple[int, int] | None = None,
     ) -> Assignment:
-        """Hard statistics at ``h`` plus the argmax counts of the same samples at ``h_snap``.
-
-        One search (top-k at h) serves both: the h_snap cell of a sample is read off its
-        top-k when :func:`snapshot_winners` can prove it, and only the other rows are searched
-        again at h_snap (few, while h_snap stays close to h).
-        """
-        values, indices, timings = self.timed_topk(h, key, samples, k)
+        """Hard statistics at ``h`` plus the argmax counts of the same samples at ``h_snap``
+        (:func:`snapshot_statistics`: one top-k search serves both)."""
+        values, indices, timings = self.timed_topk(h, key, samples, k, batches)
         t0 = time.perf_counter()
-        a = assignment_from_winners(values[:, 0], indices[:, 0], self.n, self.chunk)
-        winners, certified = snapshot_winners(values, indices, h, h_snap)
-        rows = torch.nonzero(~certified).flatten()
-        if len(rows):
-            _, idx = self.search_points(self.stream_rows(key, samples, rows), h_snap, 1)
-            winners[rows] = torch.as_tensor(idx)[:, 0].to(winners.dtype)
-        a.snap_counts = np.bincount(winners.numpy(), minlength=self.n).astype(np.int64)
-        a.projections = stream_projections(self.source, samples, self.chunk)
-        a.changed = float((winners != torch.as_tensor(indices)[:, 0]).double().mean())
-        a.researched = len(rows)
+        a = snapshot_statistics(
+            values,
+            indices,
+            h,
+            h_snap,
+            self.n,
+            self.chunk,
+            lambda rows: self.research(h_snap, key, samples, rows, batches),
+        )
+        a.projections = stream_projections(self.source, samples, self.chunk, batches)
         timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
         a.timings = timings
         return a
@@ -261,20 +347,23 @@ class StreamAssigner:
         samples: int,
         epsilon: float = 0.0,
         k: int = 8,
+        batches: tuple[int, int] | None = None,
     ) -> Assignment:
         """Cell statistics of ``samples`` points of the stream ``key`` (soft when ε > 0)."""
-        values, indices, timings = self.timed_topk(h, key, samples, k if epsilon > 0 else 1)
+        values, indices, timings = self.timed_topk(
+            h, key, samples, k if epsilon > 0 else 1, batches
+        )
         t0 = time.perf_counter()
         a = assignment_from_topk(values, indices, self.n, self.chunk, epsilon)
-        a.projections = stream_projections(self.source, samples, self.chunk)
+        a.projections = stream_projections(self.source, samples, self.chunk, batches)
         timings["t_reduce"] = timings.get("t_reduce", 0.0) + time.perf_counter() - t0
         a.timings = timings
         return a
 
-    def timed_topk(self, h: np.ndarray, key: tuple[int, ...], samples: int, k: int):
+    def timed_topk(self, h, key, samples: int, k: int, batches=None):
         """:meth:`stream_topk` and how its time split into search, transfer and reduce."""
         t0 = time.perf_counter()
-        values, indices = self.stream_topk(h, key, samples, k)
+        values, indices = self.stream_topk(h, key, samples, k, batches)
         return values, indices, {"t_search": time.perf_counter() - t0, "t_transfer": 0.0}
 
     def score_gap(self, key: tuple[int, ...], samples: int) -> float:
@@ -295,6 +384,10 @@ class LocalAssigner(StreamAssigner):
 
     def search_points(self, x, h, k):
         return self.index.search(torch.as_tensor(x), torch.from_numpy(np.asarray(h, np.float64)), k)
+
+    def set_source(self, source: Source) -> None:
+        """Draw the stream's batches from ``source`` from now on."""
+        self.source = source
 
     def stream_topk(self, h, key, samples, k, batches: tuple[int, int] | None = None):
         """Exact top-k (values float64, global indices) of every point of the stream, (B, k).

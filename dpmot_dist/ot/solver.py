@@ -73,6 +73,8 @@ class SolverState:
     cv_off: bool = False
     cv_quick_refreshes: int = 0
     last_check: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # the run's source (fields of Source)
+    calibration: dict = field(default_factory=dict)  # how it was chosen
 
     _ARRAYS = ("h", "m", "v", "h_avg", "snap_h", "snap_counts")
 

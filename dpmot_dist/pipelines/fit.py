@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
+from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -25,9 +27,10 @@ from dpmot_dist import __version__
 from dpmot_dist.config import Config
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
+from dpmot_dist.ot.calibrate import calibrate, candidate_sources
 from dpmot_dist.ot.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
 from dpmot_dist.ot.sources import LATTICE_RANK, Source, default_source
-from dpmot_dist.pipelines.shards import ShardPool
+from dpmot_dist.pipelines.shards import ShardPool, default_shard_memory, shards_for_memory
 from dpmot_dist.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,19 @@ class FitConfig(Config):
     FLAT: ClassVar[dict[str, tuple[str, ...]]] = {"solver": SOLVER_FIELDS}
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "data": ("targets", "weights"),
-        "source": ("source", "qmc", "lattice", "lattice_rank", "seed"),
+        "source": ("source", "qmc", "lattice", "lattice_rank", "calibrate", "seed"),
         "solver": ("iters", "eval_samples", "solver"),
-        "cluster": ("workers", "cpus_per_worker", "backend", "storage_dtype", "device", "chunk"),
+        "cluster": (
+            "workers",
+            "replicas",
+            "shards",
+            "shard_memory",
+            "cpus_per_worker",
+            "backend",
+            "storage_dtype",
+            "device",
+            "chunk",
+        ),
         "output": ("out", "resume", "overwrite", "checkpoint_every"),
     }
 
@@ -70,13 +83,33 @@ class FitConfig(Config):
         "default: 64 for D ≥ 3 unless --qmc; 0: independent points)",
     )
     lattice_rank: int = Field(LATTICE_RANK, ge=2, le=3, description="lattice subspace dimension")
+    calibrate: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: unless --qmc or --lattice is given, pick the source (independent, "
+        "Sobol or lattice points) by seconds × variance per projection measured on the "
+        "targets at the start (recorded in the manifest); off: the fixed defaults",
+    )
     seed: int = Field(0, description="seed of every source stream")
     iters: int = Field(1000, ge=0, description="iteration cap")
     eval_samples: int | None = Field(
         None, ge=0, description="fresh evaluation sample size (default: 64·N in [2^16, 2^24])"
     )
     solver: SDOTSolver = Field(default_factory=SDOTSolver, description="solver options")
-    workers: int = Field(0, ge=0, description="Ray shard actors (0: in process)")
+    workers: int = Field(0, ge=0, description="Ray shard actors, one group (0: in process)")
+    replicas: int | None = Field(
+        None, ge=1, description="replica groups R, each a disjoint share of every iteration"
+    )
+    shards: int | Literal["auto"] | None = Field(
+        None,
+        description="shard actors G per group, each holding N/G targets; auto: the fewest "
+        "that fit --shard-memory (default: --workers, or 1 with --replicas)",
+    )
+    shard_memory: float | None = Field(
+        None,
+        gt=0,
+        description="bytes of targets per shard actor for --shards auto (default: 70%% of "
+        "the GPU's memory; on CPU half the RAM over the actors)",
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per shard actor")
     backend: str = Field("auto", description="search backend: auto, faiss, torch, triton")
     storage_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -184,13 +217,15 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return None
     source = fit_source(cfg, dim)  # bad source options fail before anything is written
+    replicas, shards = fit_layout(cfg, n, dim)
     storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
     state = load_state(cfg)
-    if cfg.workers:
+    if replicas * shards > 0:
         ensure_ray()
     pool = ShardPool.create(
         cfg.targets,
-        workers=cfg.workers,
+        replicas=replicas or None,
+        shards=shards,
         backend=cfg.backend,
         storage_dtype=cfg.storage_dtype,
         device=cfg.device,
@@ -200,20 +235,56 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         cpus_per_worker=cfg.cpus_per_worker,
     )
     try:
-        storage.write_json_atomic(
-            storage.join(cfg.out, datasets.WORKERS), {"pids": pool.pids(), "bounds": pool.bounds}
-        )
-        result = _solve(cfg, pool, nu, state, n)
+        storage.write_json_atomic(storage.join(cfg.out, datasets.WORKERS), pool.layout())
+        calibration = choose_source(cfg, pool, state, n, dim)
+        result = _solve(cfg, pool, nu, state, n, calibration)
     finally:
         pool.close()
-    _write_outputs(cfg, result, n, dim, source)
+    _write_outputs(cfg, result, n, dim, pool.source, calibration)
     return result
 
 
+def fit_layout(cfg: FitConfig, n: int, dim: int) -> tuple[int, int]:
+    """(R, G) of the fit: (0, 0) in process; ``--workers K`` alone is (1, K)."""
+    if cfg.replicas is None and cfg.shards is None:
+        return (1, cfg.workers) if cfg.workers else (0, 0)
+    replicas = cfg.replicas or 1
+    shards = cfg.shards if cfg.shards is not None else (cfg.workers or 1)
+    if shards == "auto":
+        budget = cfg.shard_memory or default_shard_memory(cfg.device, replicas)
+        shards = shards_for_memory(n, dim, cfg.storage_dtype, budget)
+        log.info("--shards auto: %d shard(s) of %d targets each", shards, math.ceil(n / shards))
+    if shards > n:
+        raise DpmotError(f"{cfg.targets}: {shards} shards for only {n} targets")
+    return replicas, int(shards)
+
+
+def choose_source(cfg: FitConfig, pool: ShardPool, state, n: int, dim: int) -> dict:
+    """The source of the fit: a resumed fit's, the options', or the calibration's pick."""
+    if state is not None and state.source:
+        pool.set_source(Source(**state.source))
+        return state.calibration
+    if cfg.calibrate == "off" or cfg.qmc is not None or cfg.lattice is not None:
+        return {}
+    candidates = candidate_sources(cfg.source, dim)
+    if len(candidates) < 2:
+        return {}
+    projections = max(8 * min(cfg.chunk, 4096), 4 * n)
+    return calibrate(pool, candidates, np.zeros(n), projections)
+
+
 def _solve(
-    cfg: FitConfig, pool: ShardPool, nu: np.ndarray, state: SolverState | None, n: int
+    cfg: FitConfig,
+    pool: ShardPool,
+    nu: np.ndarray,
+    state: SolverState | None,
+    n: int,
+    calibration: dict,
 ) -> SDOTResult:
     solver = cfg.make_solver(n)
+    if state is None:
+        state = solver.init_state(pool)
+        state.source, state.calibration = asdict(pool.source), calibration
     progress = Progress(cfg.iters, state.iteration if state else 0, solver.log_every)
     last = [time.perf_counter()]
 
@@ -248,7 +319,9 @@ def checkpoint(out: str, state: SolverState) -> None:
     write_metrics(out, state.metrics)
 
 
-def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source) -> None:
+def _write_outputs(
+    cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source, calibration: dict
+) -> None:
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
     write_metrics(cfg.out, result.metrics)
     manifest = {
@@ -267,6 +340,8 @@ def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int, source:
         "iterations": result.iterations,
         "samples": result.samples,
         "converged": result.converged,
+        "stop_reason": result.stop_reason,
+        "calibration": calibration,
         "evaluation": result.evaluation,
         "config": cfg.model_dump(),
     }

@@ -47,8 +47,22 @@ def test_fit_writes_contract_outputs(targets, tmp_path):
     assert keys <= set(json.loads(lines[0]))
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["kind"] == "potential" and manifest["n"] == 300
-    assert manifest["qmc"] is False and manifest["lattice"] == 64  # Gaussian D = 8: lattice
+    assert manifest["stop_reason"] in ("converged", "iteration cap")
+    # the source was calibrated (Gaussian D = 8: Monte Carlo, Sobol and lattice points) and
+    # the manifest records what ran
+    calibration = manifest["calibration"]
+    assert set(calibration["candidates"]) == {"monte-carlo", "sobol", "lattice-64", "lattice-16"}
+    chosen = calibration["chosen"]
+    costs = {name: c["cost"] for name, c in calibration["candidates"].items()}
+    assert costs[chosen] == min(costs.values())
+    assert manifest["lattice"] == {"lattice-64": 64, "lattice-16": 16}.get(chosen, 0)
+    assert manifest["qmc"] is (chosen == "sobol")
     assert (out / "_SUCCESS").exists()
+    off = tmp_path / "off"
+    assert main(["fit", "--targets", targets, "--out", str(off), *FAST, "--calibrate", "off"]) == 0
+    manifest = json.loads((off / "_manifest.json").read_text())
+    assert manifest["qmc"] is False and manifest["lattice"] == 64  # Gaussian D = 8: lattice
+    assert manifest["calibration"] == {}
 
 
 def test_source_defaults_depend_on_source_and_dimension_and_flags_override(targets, tmp_path):
