@@ -430,10 +430,11 @@ class SDOTSolver:
     def _maybe_refresh_snapshot(self, state: SolverState, a) -> None:
         """New snapshot when the batch moved or needed too many searches; step aside for
         the phase when a fresh snapshot is used up again at once."""
-        if a.changed <= self.cv_refresh and a.researched <= self.cv_research_max * a.samples:
-            state.cv_quick_refreshes = 0
-            return
         fresh = state.snap_samples <= 2 * a.samples  # this snapshot lasted ≤ 2 iterations
+        if a.changed <= self.cv_refresh and a.researched <= self.cv_research_max * a.samples:
+            if not fresh:
+                state.cv_quick_refreshes = 0  # it has paid for itself
+            return
         state.cv_quick_refreshes = state.cv_quick_refreshes + 1 if fresh else 0
         state.snap_samples = 0  # the next iteration takes a new snapshot at h
         if state.cv_quick_refreshes >= 2:
@@ -597,6 +598,7 @@ class SDOTSolver:
         i = out["worst_cell"]
         out.update(
             energy=a.u_sum / a.samples - float(nu @ h),
+            grad_l2=float(np.linalg.norm(a.cell_mass() - nu)),
             samples=a.samples,
             tv_noise_floor=floor,
             tv_upper_bound=floor > out["tv"] / 3,

@@ -302,15 +302,62 @@ def _solve(
     ev = result.evaluation
     if ev:
         log.info(
-            "fresh-sample evaluation (%d samples, noise floor %.4f): tv %.4f  max_rel_err "
-            "%.3f  empty %.4f",
+            "stopped: %s after %d iterations; fresh-sample evaluation (%d samples, noise floor "
+            "%.4f%s): tv %.4f  worst cell %d %+.1f%%  empty %.4f",
+            result.stop_reason,
+            result.iterations,
             ev["samples"],
             ev["tv_noise_floor"],
+            ", TV is an upper bound" if ev["tv_upper_bound"] else "",
             ev["tv"],
-            ev["max_rel_err"],
+            ev["worst_cell"],
+            100 * ev["worst_cell_mass"] / ev["worst_cell_target"] - 100,
             ev["empty_frac"],
         )
+        warn_worst_cell(cfg.targets, ev)
     return result
+
+
+def warn_worst_cell(targets: str, ev: dict, limit: float = 0.1) -> None:
+    """One warning line when the final evaluation shows a cell more than ``limit`` off its
+    target mass (and its own noise cannot explain it: beyond 4 standard deviations)."""
+    rel = ev["max_rel_err"]
+    if rel > limit and rel > 4 * ev["worst_cell_noise"]:
+        log.warning(
+            "%s: cell %d (target mass %.3g) ends %+.1f%% off (mass %.3g): that mode will be "
+            "sampled that much too often or too rarely; fit longer or pass --tol-rel-err",
+            targets,
+            ev["worst_cell"],
+            ev["worst_cell_target"],
+            100 * (ev["worst_cell_mass"] / ev["worst_cell_target"] - 1),
+            ev["worst_cell_mass"],
+        )
+    elif 4 * ev["worst_cell_noise"] > limit:
+        log.info(
+            "the evaluation's %d samples resolve each cell's mass to ±%.0f%% only",
+            ev["samples"],
+            400 * ev["worst_cell_noise"],
+        )
+
+
+def evaluation_record(result: SDOTResult) -> list[dict]:
+    """The final fresh-sample evaluation as the last line of ``metrics.jsonl`` (the same keys
+    as an iteration's record, ``"evaluation": true``), or nothing when not evaluated."""
+    ev = result.evaluation
+    if not ev:
+        return []
+    last = result.metrics[-1] if result.metrics else {}
+    return [
+        {
+            **ev,
+            "iter": result.iterations,
+            "evaluation": True,
+            "eval_samples": ev["samples"],
+            "samples": result.samples,
+            "seconds": last.get("seconds", 0.0),
+            "stop_reason": result.stop_reason,
+        }
+    ]
 
 
 def checkpoint(out: str, state: SolverState) -> None:
@@ -323,7 +370,7 @@ def _write_outputs(
     cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source, calibration: dict
 ) -> None:
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
-    write_metrics(cfg.out, result.metrics)
+    write_metrics(cfg.out, result.metrics + evaluation_record(result))
     manifest = {
         "kind": "potential",
         "version": 1,
