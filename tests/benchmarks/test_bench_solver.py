@@ -24,7 +24,8 @@ def test_bench_problem_report_and_lr_grid_extension():
     y = np.random.default_rng(0).uniform(-0.5, 0.5, size=(16, 2)).astype(np.float32)
     problem = Problem("tiny-square", y, "uniform")
     logs: list[str] = []
-    r = bench_problem(problem, SDOTSolver(max_iters=10**9), [100_000, 300_000], [0.1], logs.append)
+    solver = SDOTSolver(max_iters=10**9)
+    r = bench_problem(problem, solver, [100_000, 300_000], [0.1], logs.append, peer=False)
     json.dumps(r, allow_nan=False)  # strict JSON
     assert [b["samples"] for b in r["budgets"]] == [100_000, 300_000]
     assert all(b["noise_floor"] == 0.0 for b in r["budgets"])  # exact TV in 2-D
@@ -33,7 +34,37 @@ def test_bench_problem_report_and_lr_grid_extension():
     assert len(grid) >= 2 and len(logs) == len(grid) + 1  # one line per lr tried, one for ours
     assert r["reference_lr"] == min(grid, key=lambda g: g["tv"])["lr"]
     assert r["reference_final_tv"] == r["budgets"][-1]["reference_tv"]
-    assert r["ours_qmc"] is True and r["reference_qmc"] is False and r["ours_lattice"] == 0
+    chosen = r["ours_calibration"]["chosen"]  # 2-D uniform: Monte Carlo or Sobol, by cost
+    assert r["ours_qmc"] is (chosen == "sobol") and r["ours_lattice"] == 0
+    assert r["reference_qmc"] is False
     needed = r["ours_samples_to_reference_tv"]
     assert needed < math.inf and math.isclose(r["sample_ratio"], 300_000 / needed, rel_tol=0.05)
     assert all(0 <= b["ours_tv"] <= 1 and 0 <= b["reference_tv"] <= 1 for b in r["budgets"])
+    # seconds: the fit loop only, growing along each curve; the time ratio is the reference's
+    # seconds to its final TV over ours to the same TV
+    for curve in (r["reference_curve"], r["ours_curve"]):
+        seconds = [c["seconds"] for c in curve]
+        assert all(s > 0 for s in seconds) and seconds == sorted(seconds)
+    ours_s = r["ours_seconds_to_reference_tv"]
+    assert math.isclose(r["time_ratio"], r["reference_final_seconds"] / ours_s, rel_tol=1e-9)
+    assert all(b["reference_seconds"] > 0 and b["ours_seconds"] > 0 for b in r["budgets"])
+
+
+def test_reach_interpolates_seconds_and_the_reference_assigner_counts_every_sample():
+    from dpmot_dist.benchmarks.solver import ReferenceAssigner, reach
+    from dpmot_dist.ot.sources import Source
+
+    curve = [{"seconds": s, "tv": 1.0 / s} for s in (1.0, 100.0)]
+    assert math.isclose(reach(curve, 0.1, "seconds"), 10.0, rel_tol=1e-9)
+    y = np.random.default_rng(1).normal(size=(2500, 3)).astype(np.float32)
+    a = ReferenceAssigner(y, Source(), seed=0, chunk=1000)
+    out = a.assign(np.zeros(2500), (0, 1), 3000)
+    assert out.counts.sum() == 3000 and out.samples == 3000
+    from dpmot_dist.ot.assign import LocalAssigner
+    from dpmot_dist.ot.search import TargetIndex
+
+    # the reference's chunked running max finds the same cells as the exact search
+    ours = LocalAssigner(TargetIndex(y), Source(), seed=0, chunk=1000).assign(
+        np.zeros(2500), (0, 1), 3000
+    )
+    assert np.array_equal(out.counts, ours.counts)
