@@ -100,6 +100,11 @@ def _report_sample(cfg, s: dict) -> None:
         f"{cfg.out}: {s['samples_per_s']:.4g} samples/s, {s['model_evals_per_s']:.4g} model "
         f"evaluations/s; map {100 * s['map_fraction']:.1f}% of phase-2 time"
     )
+    if s["decode_seconds"]:
+        print(
+            f"decoding took {100 * s['decode_fraction']:.1f}% of the workers' time: "
+            f"{s['samples_per_s_without_decode']:.4g} samples/s without it"
+        )
 
 
 def _report_eval(cfg, report: dict) -> None:

@@ -90,18 +90,32 @@ class EvalConfig(Config):
 
 @dataclass(frozen=True)
 class ChunkImages:
-    """One Parquet chunk of a samples data set: ``x`` rows of ``shape`` (in [−1, 1])."""
+    """One Parquet chunk of a samples data set: ``x`` rows of ``shape`` (in [−1, 1]), or the
+    ``png`` images decoded from latent samples (``column="png"``)."""
 
     uri: str
     shape: tuple[int, ...]
     limit: int | None = None
+    column: Literal["x", "png"] = "x"
 
     def images(self) -> np.ndarray:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(self.uri)), columns=["x"])
+        table = pq.read_table(io.BytesIO(storage.read_bytes(self.uri)), columns=[self.column])
         if self.limit is not None:
             table = table.slice(0, self.limit)
+        if self.column == "png":
+            return decode_pngs(self.uri, table.column("png").to_pylist(), self.shape)
         flat = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return quantise(flat.reshape(len(table), *self.shape))
+
+
+def decode_pngs(uri: str, data: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """PNG bytes of (C, H, W) images → (B, C, H, W) float32 in [−1, 1]."""
+    mode = "L" if shape[0] == 1 else "RGB"
+    pixels = [images.decode_image(b, f"{uri} (row {r})", mode) for r, b in enumerate(data)]
+    x = images.to_nchw(images.scale_pixels(np.stack(pixels), "minus1_1"), "nhwc")
+    if x.shape[1:] != tuple(shape):
+        raise DpmotError(f"{uri}: PNG images of shape {list(x.shape[1:])}, manifest {list(shape)}")
+    return x
 
 
 @dataclass(frozen=True)
@@ -185,7 +199,8 @@ def _ray_features(cfg: EvalConfig, tasks: list) -> list[np.ndarray]:
 def chunk_tasks(uri: str, max_samples: int | None = None) -> list[ChunkImages]:
     """One task per chunk of a samples data set (the first ``max_samples`` rows)."""
     m = datasets.read_samples_manifest(uri)
-    shape = tuple(m["data_shape"])
+    decoded = bool(m.get("image_shape"))
+    shape = tuple(m["image_shape"] if decoded else m["data_shape"])
     if not (len(shape) == 3 and shape[0] in (1, 3)):
         raise DpmotError(f"{uri}: FID needs image samples (C, H, W), got data shape {list(shape)}")
     tasks, left = [], max_samples if max_samples is not None else m["num"]
@@ -193,7 +208,8 @@ def chunk_tasks(uri: str, max_samples: int | None = None) -> list[ChunkImages]:
         if left <= 0:
             break
         take = min(left, m["chunk"])
-        tasks.append(ChunkImages(storage.join(uri, name), shape, take))
+        column = "png" if decoded else "x"
+        tasks.append(ChunkImages(storage.join(uri, name), shape, take, column))
         left -= take
     return tasks
 

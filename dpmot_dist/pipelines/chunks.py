@@ -2,10 +2,13 @@
 
 A worker (:class:`ChunkWriter`: a Ray actor that loads the model once, or one in-process
 instance) takes a chunk's sample ids and mapped points x_M, refines them from step M to 0
-(:func:`dpmot_dist.diffusion.samplers.refine`) and writes ``chunk-00000.parquet`` atomically::
+(:func:`dpmot_dist.diffusion.samplers.refine`), decodes latents to images when the run has a
+VAE (:meth:`dpmot_dist.diffusion.vae.VaeSpec.decode`, on the worker's device, in batches) and
+writes ``chunk-00000.parquet`` atomically::
 
     sample_id: int64, seed: int64, ot_index: int64 (−1 from noise), nfe: int32,
-    x: fixed_size_list<float32>[D] (data shape in the manifest), png: binary (images only)
+    x: fixed_size_list<float32>[D] (data shape in the manifest),
+    png: binary (images only: x itself, or the image decoded from the latent x)
 
 :func:`run_local` and :func:`run_ray` hand the chunks to the workers; a chunk whose actor dies
 goes back to the queue. Since a sample is a pure function of (seed, sample_id), a chunk
@@ -29,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dpmot_dist.diffusion.models import load_model
+from dpmot_dist.diffusion.models import DTYPES, load_model
 from dpmot_dist.diffusion.samplers import (
     STREAM_SAMPLER,
     RowNoise,
@@ -39,6 +42,7 @@ from dpmot_dist.diffusion.samplers import (
     refine,
 )
 from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
 from dpmot_dist.ot.sources import Source
@@ -67,9 +71,17 @@ def png_bytes(x: np.ndarray) -> bytes:
 
 
 def chunk_table(
-    sample_ids: np.ndarray, seed: int, ot_index: np.ndarray, nfe: int, x: np.ndarray, png: bool
+    sample_ids: np.ndarray,
+    seed: int,
+    ot_index: np.ndarray,
+    nfe: int,
+    x: np.ndarray,
+    png: bool,
+    *,
+    images: np.ndarray | None = None,
 ) -> pa.Table:
-    """One output file's rows; x (B, *shape) float32."""
+    """One output file's rows; x (B, *shape) float32. ``images`` (B, C, H, W), decoded from
+    the latents x, are what the PNG bytes show (x itself otherwise)."""
     b = len(sample_ids)
     flat = np.ascontiguousarray(x, np.float32).reshape(b, -1)
     cols = {
@@ -80,7 +92,8 @@ def chunk_table(
         "x": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
     }
     if png:
-        cols["png"] = pa.array([png_bytes(xi) for xi in x], pa.binary())
+        shown = x if images is None else images
+        cols["png"] = pa.array([png_bytes(xi) for xi in shown], pa.binary())
     return pa.table(cols)
 
 
@@ -108,6 +121,7 @@ class ChunkJob:
     png: bool
     batch: int
     threads: int | None = None
+    vae: VaeSpec | None = None  # decode the refined latents with it
 
 
 class ChunkWriter:
@@ -129,6 +143,8 @@ class ChunkWriter:
                 f"{job.model}: model data shape {list(declared)} does not match the data's "
                 f"{list(job.data_shape)}"
             )
+        if job.vae is not None:
+            job.vae.load(self.device, DTYPES[job.dtype])
 
     def pid(self) -> int:
         return os.getpid()
@@ -158,6 +174,13 @@ class ChunkWriter:
             out.append(x.float().cpu().numpy())
         return np.concatenate(out), nfe
 
+    def decode(self, x: np.ndarray) -> np.ndarray | None:
+        """Images (B, C, H, W) float32 decoded from latents x (B, c, h, w); None without a VAE."""
+        if self.job.vae is None:
+            return None
+        z = torch.from_numpy(x)
+        return self.job.vae.decode(z, self.device, DTYPES[self.job.dtype]).cpu().numpy()
+
     def write(
         self, chunk: int, sample_ids: np.ndarray, ot_index: np.ndarray, x_start: np.ndarray | None
     ) -> dict[str, Any]:
@@ -169,15 +192,20 @@ class ChunkWriter:
             log.warning(
                 "chunk %d: %d non-finite samples", chunk, int((~np.isfinite(x)).any(1).sum())
             )
-        table = chunk_table(sample_ids, self.job.seed, ot_index, nfe, x, self.job.png)
-        write_table_atomic(storage.join(self.job.out, datasets.chunk_name(chunk)), table)
+        images = self.decode(x)
         t2 = time.perf_counter()
+        table = chunk_table(
+            sample_ids, self.job.seed, ot_index, nfe, x, self.job.png, images=images
+        )
+        write_table_atomic(storage.join(self.job.out, datasets.chunk_name(chunk)), table)
+        t3 = time.perf_counter()
         return {
             "chunk": chunk,
             "rows": len(sample_ids),
             "nfe": nfe,
             "t_gen": t1 - t0,
-            "t_write": t2 - t1,
+            "t_decode": t2 - t1,
+            "t_write": t3 - t2,
         }
 
 
@@ -211,7 +239,7 @@ class Progress:
                 self.done,
                 self.total,
                 stats["rows"],
-                stats["t_gen"] + stats["t_write"],
+                stats["t_gen"] + stats["t_decode"] + stats["t_write"],
             )
 
     def close(self) -> None:

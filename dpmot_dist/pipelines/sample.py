@@ -12,6 +12,11 @@ A sample is a pure function of (seed, sample_id): a rerun writes only the missin
 duplicates, no gaps), and a rerun of a finished run writes nothing. ``_manifest.json`` and
 ``_SUCCESS`` come last. ``--from-noise`` skips the map and starts from N(0, s_{T−1}² I): the
 DDIM / DPM-Solver++ baselines through the same code path and layout.
+
+Latent targets (``prepare --vae``) are decoded to images by the same AutoencoderKL in the
+workers (``--vae`` names another one, ``--vae none`` keeps only the latents): ``x`` holds the
+refined latent and ``png`` the decoded image, whose shape the manifest gives as
+``image_shape``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dpmot_dist.diffusion.samplers import (
     SamplerSpec,
 )
 from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
 from dpmot_dist.ot.sources import Source
@@ -75,6 +81,7 @@ class SampleConfig(Config):
             "langevin_lr",
             "dtype",
             "prediction",
+            "vae",
         ),
         "cluster": (
             "workers",
@@ -118,6 +125,11 @@ class SampleConfig(Config):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model dtype")
     prediction: Literal["auto", "eps", "v", "x0"] = Field("auto", description="model output")
     png: Literal["auto", "never"] = Field("auto", description="PNG bytes for image data")
+    vae: str | None = Field(
+        None,
+        description="AutoencoderKL folder that decodes latent samples to images (default: the "
+        "VAE prepare encoded the targets with; none: no decoding)",
+    )
     overwrite: bool = Field(False, description="replace an existing output")
 
     @field_validator("shape", mode="before")
@@ -164,6 +176,12 @@ class RunInfo:
     data_shape: tuple[int, ...]
     h: np.ndarray | None = None
     source: str = "gaussian"
+    vae: VaeSpec | None = None  # decodes the latent samples to images
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of what the PNG bytes show: the decoded image, or the data itself."""
+        return self.data_shape if self.vae is None else self.vae.image_shape(self.data_shape)
 
     @property
     def dim(self) -> int:
@@ -195,8 +213,9 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
         raise DpmotError(f"{cfg.targets}: no schedule in the targets' manifest; pass --schedule")
     shape = cfg.shape or m.get("data_shape") or m.get("shape") or _model_shape(cfg, schedule)
     shape = tuple(int(s) for s in shape)
+    vae = resolve_vae(cfg, m, shape)
     if cfg.from_noise:
-        return RunInfo(schedule, schedule.num_steps - 1, shape)
+        return RunInfo(schedule, schedule.num_steps - 1, shape, vae=vae)
     step = cfg.step if cfg.step is not None else m.get("step")
     if step is None:
         raise DpmotError(f"{cfg.targets}: no step in the targets' manifest; pass --step")
@@ -206,7 +225,33 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
     if math.prod(shape) != dim:
         raise DpmotError(f"{cfg.targets}: data shape {list(shape)} does not hold D={dim} values")
     h, source = load_potential(cfg.potential, n)
-    return RunInfo(schedule, int(step), shape, h, source)
+    return RunInfo(schedule, int(step), shape, h, source, vae)
+
+
+def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:
+    """The VAE that decodes the samples: ``--vae``, else the one the targets were encoded with.
+
+    None when there is none, with ``--vae none`` or ``--png never``.
+    """
+    if cfg.png == "never" or (cfg.vae or "").lower() == "none":
+        return None
+    recorded = manifest.get("vae") or {}
+    uri = cfg.vae or recorded.get("uri")
+    if uri is None:
+        return None
+    vae = VaeSpec.open(uri, cfg.batch)
+    channels = vae.image_shape(shape)[0]
+    if channels not in (1, 3):
+        raise DpmotError(f"{vae.uri}: decodes {channels}-channel images; PNG needs 1 or 3")
+    scaling = recorded.get("scaling_factor"), recorded.get("shift_factor")
+    if recorded and scaling != (vae.scaling_factor, vae.shift_factor):
+        log.warning(
+            "%s: scaling/shift factors %s differ from those the targets were encoded with %s",
+            vae.uri,
+            (vae.scaling_factor, vae.shift_factor),
+            scaling,
+        )
+    return vae
 
 
 def _model_shape(cfg: SampleConfig, schedule: Schedule) -> tuple[int, ...]:
@@ -399,8 +444,9 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         sampler=cfg.sampler_spec(),
         from_noise=cfg.from_noise,
         seed=cfg.seed,
-        png=cfg.png == "auto" and is_image(info.data_shape),
+        png=cfg.png == "auto" and (info.vae is not None or is_image(info.data_shape)),
         batch=cfg.batch,
+        vae=info.vae,
     )
     t1 = time.perf_counter()
     if cfg.workers:
@@ -415,6 +461,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
 
     nfe = stats[0]["nfe"] if stats else _nfe_on_disk(cfg.out)
     written = sum(s["rows"] for s in stats)
+    worker_seconds = sum(s["t_gen"] + s["t_decode"] + s["t_write"] for s in stats)
+    decode_fraction = sum(s["t_decode"] for s in stats) / max(worker_seconds, 1e-9)
     throughput = {
         "samples_written": written,
         "map_seconds": t_map,
@@ -425,7 +473,11 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "phase2_samples_per_s": written / max(t_phase2, 1e-9),
         "model_evals_per_s": written * nfe / max(t_phase2, 1e-9),
         "map_fraction": t_map / max(t_phase2, 1e-9),
-        "worker_seconds": sum(s["t_gen"] + s["t_write"] for s in stats),
+        "worker_seconds": worker_seconds,
+        "decode_seconds": sum(s["t_decode"] for s in stats),
+        "decode_fraction": decode_fraction,
+        "samples_per_s_without_decode": written
+        / max(t_map + t_phase2 * (1 - decode_fraction), 1e-9),
     }
     manifest = _manifest(cfg, info, job, n_chunks, nfe, fp, throughput)
     storage.write_json_atomic(storage.join(cfg.out, datasets.MANIFEST), manifest)
@@ -459,6 +511,9 @@ def _nfe_on_disk(out: str) -> int:
 
 def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, throughput) -> dict:
     columns = ["sample_id", "seed", "ot_index", "nfe", "x"] + (["png"] if job.png else [])
+    decoded = {}
+    if info.vae is not None:
+        decoded = {"image_shape": list(info.image_shape), "vae": info.vae.describe()}
     return {
         "kind": datasets.SAMPLES_KIND,
         "version": datasets.SAMPLES_VERSION,
@@ -471,6 +526,8 @@ def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, th
         "columns": columns,
         "png": job.png,
         **({"png_range": list(PNG_RANGE)} if job.png else {}),
+        "decoded": info.vae is not None,
+        **decoded,
         "model": cfg.model,
         "sampler": cfg.sampler,
         "nfe": nfe,
