@@ -70,9 +70,10 @@ VERBS = {
 
 
 def _report_prepare(cfg, m: dict) -> None:
+    labels = f", {m['labels']['num_classes']} classes" if m.get("labels") else ""
     print(
         f"wrote {m['n']:,} targets × {m['dim']:,} ({m['source_rows']:,} rows × {m['copies']} "
-        f"copies, shape {m['data_shape']}) to {cfg.out}"
+        f"copies, shape {m['data_shape']}{labels}) to {cfg.out}"
     )
 
 
