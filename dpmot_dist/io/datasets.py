@@ -15,9 +15,10 @@ temporary files), which those readers skip (the Hadoop/Spark/Arrow convention)::
 A targets part holds ``index: int64`` (global row number), ``y:
 fixed_size_list<float>[dim]`` and, for labelled data, ``label: int64`` (the class of the data
 point the row was diffused from); ``_manifest.json`` says kind="targets", version=1, n, dim,
-shape, dtype and the parts (and ``labels``: number of classes, counts, class names). ``_SUCCESS`` is written last: the data set is complete. Folders
-written by the earlier layout (``manifest.json``, ``plan.parquet``, ``checkpoints/``) still
-open: :func:`find_aux` looks for the current name first, then the legacy one.
+shape, dtype and the parts (and ``labels``: number of classes, counts, class names).
+``_SUCCESS`` is written last: the data set is complete. Folders written by the earlier layout
+(``manifest.json``, ``plan.parquet``, ``checkpoints/``) still open: :func:`find_aux` looks for
+the current name first, then the legacy one.
 """
 
 from __future__ import annotations
