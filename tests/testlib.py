@@ -26,6 +26,24 @@ def tiny_unet():
     ).eval()
 
 
+def tiny_class_unet(num_class_embeds: int, channels: int = 3, size: int = 8):
+    """A random class-conditional diffusers ``UNet2DModel`` (seed 0): class embeddings of
+    ``num_class_embeds`` rows, called with ``class_labels=``."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
 def tiny_vae(scaling_factor: float = 0.5, shift_factor: float | None = None):
     """A random diffusers ``AutoencoderKL`` (seed 0): 3×H×W images ↔ 4×(H/2)×(W/2) latents."""
     diffusers = pytest.importorskip("diffusers")
@@ -57,3 +75,17 @@ class Halve(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * x + (t.to(x.dtype) / 1000.0).reshape(-1, 1, 1, 1)
+
+
+class Recorder(torch.nn.Module):
+    """A TorchScript-able class-conditional ε-model, f(x, t, y) = x / 2 + y / 10, that keeps
+    every label batch it was called with in ``seen``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = torch.jit.Attribute([], list[torch.Tensor])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen.append(y.clone())
+        shape = [-1] + [1] * (x.dim() - 1)
+        return 0.5 * x + (y.to(x.dtype) / 10.0).reshape(shape)

@@ -13,6 +13,10 @@ duplicates, no gaps), and a rerun of a finished run writes nothing. ``_manifest.
 ``_SUCCESS`` come last. ``--from-noise`` skips the map and starts from N(0, s_{T−1}² I): the
 DDIM / DPM-Solver++ baselines through the same code path and layout.
 
+Labelled targets: every sample carries the label y_{i*} of its OT winner i* (a from-noise
+baseline draws it from the targets' label histogram, stream (seed, sample_id)), and a
+class-conditional model is called with it (``--guidance-scale``: classifier-free guidance).
+
 Latent targets (``prepare --vae``) are decoded to images by the same AutoencoderKL in the
 workers (``--vae`` names another one, ``--vae none`` keeps only the latents): ``x`` holds the
 refined latent and ``png`` the decoded image, whose shape the manifest gives as
@@ -36,10 +40,8 @@ from pydantic import Field, field_validator, model_validator
 
 from dpmot_dist import __version__
 from dpmot_dist.config import Config
-from dpmot_dist.diffusion.models import load_model, parse_spec
-from dpmot_dist.diffusion.samplers import (
-    SamplerSpec,
-)
+from dpmot_dist.diffusion.models import ModelClasses, load_model, model_classes, parse_spec
+from dpmot_dist.diffusion.samplers import STREAM_LABEL, SamplerSpec, uniforms
 from dpmot_dist.diffusion.schedules import Schedule
 from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
@@ -82,6 +84,9 @@ class SampleConfig(Config):
             "dtype",
             "prediction",
             "vae",
+            "conditional",
+            "guidance_scale",
+            "null_class",
         ),
         "cluster": (
             "workers",
@@ -130,6 +135,15 @@ class SampleConfig(Config):
         description="AutoencoderKL folder that decodes latent samples to images (default: the "
         "VAE prepare encoded the targets with; none: no decoding)",
     )
+    conditional: bool = Field(
+        False, description="the TorchScript model takes class labels: model(x_t, t, y)"
+    )
+    guidance_scale: float | None = Field(
+        None, description="classifier-free guidance scale s of a class-conditional model"
+    )
+    null_class: int | None = Field(
+        None, ge=0, description="null class id of guidance (default: the number of classes)"
+    )
     overwrite: bool = Field(False, description="replace an existing output")
 
     @field_validator("shape", mode="before")
@@ -177,6 +191,10 @@ class RunInfo:
     h: np.ndarray | None = None
     source: str = "gaussian"
     vae: VaeSpec | None = None  # decodes the latent samples to images
+    classes: ModelClasses = ModelClasses()  # what the model takes
+    target_labels: np.ndarray | None = None  # (N,) the targets' labels
+    labels: dict | None = None  # the targets' manifest ``labels`` (num_classes, counts, ...)
+    null_class: int | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -213,9 +231,9 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
         raise DpmotError(f"{cfg.targets}: no schedule in the targets' manifest; pass --schedule")
     shape = cfg.shape or m.get("data_shape") or m.get("shape") or _model_shape(cfg, schedule)
     shape = tuple(int(s) for s in shape)
-    vae = resolve_vae(cfg, m, shape)
+    common = {"vae": resolve_vae(cfg, m, shape), **resolve_classes(cfg, m)}
     if cfg.from_noise:
-        return RunInfo(schedule, schedule.num_steps - 1, shape, vae=vae)
+        return RunInfo(schedule, schedule.num_steps - 1, shape, **common)
     step = cfg.step if cfg.step is not None else m.get("step")
     if step is None:
         raise DpmotError(f"{cfg.targets}: no step in the targets' manifest; pass --step")
@@ -225,7 +243,35 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
     if math.prod(shape) != dim:
         raise DpmotError(f"{cfg.targets}: data shape {list(shape)} does not hold D={dim} values")
     h, source = load_potential(cfg.potential, n)
-    return RunInfo(schedule, int(step), shape, h, source, vae)
+    labels = datasets.load_target_labels(cfg.targets) if common["labels"] else None
+    return RunInfo(schedule, int(step), shape, h, source, target_labels=labels, **common)
+
+
+def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
+    """The model's classes, the targets' labels and the null class; checks they fit."""
+    classes = model_classes(cfg.model, cfg.conditional)
+    labels = manifest.get("labels") or None
+    guided = cfg.guidance_scale not in (None, 1.0)
+    if guided and not classes.conditional:
+        raise DpmotError(f"{cfg.model}: --guidance-scale needs a class-conditional model")
+    if classes.conditional and labels is None:
+        where = cfg.targets or "--from-noise without --targets"
+        raise DpmotError(
+            f"{where}: {cfg.model} is class-conditional but there are no labels; prepare a "
+            "labelled data set"
+        )
+    null = cfg.null_class
+    if null is None and labels is not None:
+        null = labels["num_classes"]  # DiT's convention: classes 0..C−1, then the null class
+    if classes.conditional and classes.rows is not None:
+        top = labels["num_classes"] - 1
+        if top >= classes.rows or (guided and null >= classes.rows):
+            bad = f"label {top}" if top >= classes.rows else f"null class {null}"
+            raise DpmotError(
+                f"{cfg.model}: {bad} is outside the model's {classes.rows} class embeddings"
+                + ("" if top >= classes.rows else "; pass --null-class")
+            )
+    return {"classes": classes, "labels": labels, "null_class": null if guided else None}
 
 
 def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:
@@ -292,22 +338,26 @@ def chunk_ranges(num: int, chunk: int) -> list[tuple[int, int]]:
 # Phase 1: the plan
 
 
-def plan_table(plan: MapPlan, seed: int, fingerprint: dict) -> pa.Table:
+def plan_table(
+    plan: MapPlan, seed: int, fingerprint: dict, labels: np.ndarray | None = None
+) -> pa.Table:
     n = len(plan.ot_index)
-    table = pa.table(
-        {
-            "sample_id": pa.array(np.arange(n, dtype=np.int64)),
-            "seed": pa.array(np.full(n, seed, np.int64)),
-            "ot_index": pa.array(plan.ot_index, pa.int64()),
-            "partner": pa.array(plan.partner, pa.int64()),
-            "weight": pa.array(plan.weight, pa.float32()),
-        }
-    )
+    cols = {
+        "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+        "seed": pa.array(np.full(n, seed, np.int64)),
+        "ot_index": pa.array(plan.ot_index, pa.int64()),
+        "partner": pa.array(plan.partner, pa.int64()),
+        "weight": pa.array(plan.weight, pa.float32()),
+    }
+    if labels is not None:
+        cols["label"] = pa.array(labels, pa.int64())
+    table = pa.table(cols)
     return table.replace_schema_metadata({"dpmot.fingerprint": json.dumps(fingerprint)})
 
 
-def read_plan(out: str) -> tuple[MapPlan, dict] | None:
-    """The saved plan and the fingerprint of the run that wrote it (None when absent)."""
+def read_plan(out: str) -> tuple[MapPlan, dict, np.ndarray | None] | None:
+    """The saved plan, the fingerprint of the run that wrote it and the samples' labels (None
+    when unlabelled); None when there is no plan."""
     uri = datasets.find_aux(out, datasets.PLAN)
     if uri is None:
         return None
@@ -315,9 +365,27 @@ def read_plan(out: str) -> tuple[MapPlan, dict] | None:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
         fp = json.loads(table.schema.metadata[b"dpmot.fingerprint"])
         cols = {c: table.column(c).to_numpy() for c in ("ot_index", "partner", "weight")}
+        labels = table.column("label").to_numpy() if "label" in table.column_names else None
     except (pa.ArrowException, KeyError, ValueError) as e:
         raise DpmotError(f"{uri}: unreadable plan ({e}); pass --overwrite") from None
-    return MapPlan(cols["ot_index"], cols["partner"], cols["weight"]), fp
+    return MapPlan(cols["ot_index"], cols["partner"], cols["weight"]), fp, labels
+
+
+def draw_labels(seed: int, sample_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Class ids c ~ weights (C,) for each sample, from its own stream (seed, STREAM_LABEL)."""
+    cdf = np.cumsum(np.asarray(weights, np.float64))
+    u = uniforms(seed, STREAM_LABEL, sample_ids, 1)[:, 0] * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
+
+
+def plan_labels(cfg: SampleConfig, info: RunInfo, plan: MapPlan) -> np.ndarray | None:
+    """Each sample's label: its OT winner's (y_{i*}), or for a from-noise baseline of a
+    class-conditional model, a draw from the targets' label histogram; None if unlabelled."""
+    if not cfg.from_noise:
+        return None if info.target_labels is None else info.target_labels[plan.ot_index]
+    if not info.classes.conditional:
+        return None
+    return draw_labels(cfg.seed, np.arange(cfg.num), np.asarray(info.labels["counts"]))
 
 
 def check_same_run(out: str, fp: dict, theirs: dict) -> None:
@@ -373,14 +441,19 @@ def make_plan(cfg: SampleConfig, info: RunInfo) -> tuple[MapPlan, TargetRows | N
 
 
 def chunk_tasks(
-    cfg: SampleConfig, plan: MapPlan, missing: list[int], rows: TargetRows | None
+    cfg: SampleConfig,
+    plan: MapPlan,
+    missing: list[int],
+    rows: TargetRows | None,
+    labels: np.ndarray | None = None,
 ) -> list[ChunkTask]:
     """The tasks of the missing chunks, with their mapped x_M read from the targets."""
     ranges = chunk_ranges(cfg.num, cfg.chunk)
     tasks = []
     for c in missing:
         a, b = ranges[c]
-        tasks.append(ChunkTask(c, np.arange(a, b, dtype=np.int64), plan.ot_index[a:b], None))
+        ids, y = np.arange(a, b, dtype=np.int64), None if labels is None else labels[a:b]
+        tasks.append(ChunkTask(c, ids, plan.ot_index[a:b], None, y))
     if cfg.from_noise or not tasks:
         return tasks
     sel = np.concatenate([t.sample_ids for t in tasks])
@@ -425,11 +498,13 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     rows = None
     if saved is None:
         plan, rows = make_plan(cfg, info)
-        write_table_atomic(storage.join(cfg.out, datasets.PLAN), plan_table(plan, cfg.seed, fp))
+        labels = plan_labels(cfg, info, plan)
+        table = plan_table(plan, cfg.seed, fp, labels)
+        write_table_atomic(storage.join(cfg.out, datasets.PLAN), table)
     else:
-        plan = saved[0]
+        plan, _, labels = saved
     t_search = time.perf_counter() - t0
-    tasks = chunk_tasks(cfg, plan, missing, rows)
+    tasks = chunk_tasks(cfg, plan, missing, rows, labels)
     t_map = time.perf_counter() - t0
 
     job = ChunkJob(
@@ -447,6 +522,9 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         png=cfg.png == "auto" and (info.vae is not None or is_image(info.data_shape)),
         batch=cfg.batch,
         vae=info.vae,
+        conditional=cfg.conditional,
+        guidance=1.0 if info.null_class is None else cfg.guidance_scale,
+        null_class=info.null_class,
     )
     t1 = time.perf_counter()
     if cfg.workers:
@@ -479,7 +557,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "samples_per_s_without_decode": written
         / max(t_map + t_phase2 * (1 - decode_fraction), 1e-9),
     }
-    manifest = _manifest(cfg, info, job, n_chunks, nfe, fp, throughput)
+    manifest = _manifest(cfg, info, job, n_chunks, nfe, fp, throughput, labels is not None)
     storage.write_json_atomic(storage.join(cfg.out, datasets.MANIFEST), manifest)
     storage.mark_success(cfg.out)
     log.info(
@@ -509,8 +587,15 @@ def _nfe_on_disk(out: str) -> int:
     return int(pq.read_table(io.BytesIO(data), columns=["nfe"]).column("nfe")[0].as_py())
 
 
-def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, throughput) -> dict:
-    columns = ["sample_id", "seed", "ot_index", "nfe", "x"] + (["png"] if job.png else [])
+def _manifest(
+    cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, throughput, labelled: bool
+) -> dict:
+    columns = ["sample_id", "seed", "ot_index", *(["label"] if labelled else []), "nfe", "x"]
+    columns += ["png"] if job.png else []
+    labels = None
+    if labelled:
+        names = {k: info.labels[k] for k in ("num_classes", "classes") if k in info.labels}
+        labels = {**names, "conditional": info.classes.conditional}
     decoded = {}
     if info.vae is not None:
         decoded = {"image_shape": list(info.image_shape), "vae": info.vae.describe()}
@@ -528,6 +613,9 @@ def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, th
         **({"png_range": list(PNG_RANGE)} if job.png else {}),
         "decoded": info.vae is not None,
         **decoded,
+        "labels": labels,
+        "guidance_scale": job.guidance if job.null_class is not None else None,
+        "null_class": job.null_class,
         "model": cfg.model,
         "sampler": cfg.sampler,
         "nfe": nfe,

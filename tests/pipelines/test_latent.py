@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testlib import Zero, tiny_vae
+from testlib import Recorder, Zero, tiny_vae
 
-from dpmot_dist.io import datasets
+from dpmot_dist.diffusion.samplers import SamplerSpec
+from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.io import datasets, storage
+from dpmot_dist.pipelines.chunks import ChunkJob, ChunkWriter
 from dpmot_dist.pipelines.prepare import PrepareConfig, run_prepare
 from dpmot_dist.pipelines.sample import SampleConfig, run_sample
 
@@ -91,3 +94,83 @@ def inception_weights(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
     torch.save(inception.FIDInceptionV3().state_dict(), path)
     return str(path)
+
+
+def labelled_problem(root: Path, n: int = 30, classes: int = 3) -> dict[str, str]:
+    """Labelled flat targets (D = 4) at step 20, h = 0, and a recording conditional model."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, classes, n)
+    y = rng.standard_normal((n, 4)).astype(np.float32) + 3 * labels[:, None]
+    extra = {"schedule": Schedule().to_dict(), "step": 20, "data_shape": [4]}
+    datasets.write_targets(str(root / "targets"), y, extra=extra, labels=labels)
+    storage.save_npy(str(root / "fit" / "h.npy"), np.zeros(n))
+    storage.mark_success(str(root / "fit"))
+    torch.jit.save(torch.jit.script(Recorder()), str(root / "rec.pt"))
+    return {
+        "targets": str(root / "targets"),
+        "potential": str(root / "fit"),
+        "model": f"torchscript:{root / 'rec.pt'}",
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_labels_reach_the_model_and_guidance_doubles_nfe(tmp_path):
+    problem = labelled_problem(tmp_path)
+    common = {"num": 12, "chunk": 5, "sampler": "ddim", "nfe": 3, "backend": "torch"}
+    run_sample(SampleConfig(**problem, out=str(tmp_path / "s"), conditional=True, **common))
+    m, table = datasets.read_samples(str(tmp_path / "s"))
+    target_labels = datasets.load_target_labels(problem["targets"])
+    rows = table.to_pylist()
+    assert m["columns"][:4] == ["sample_id", "seed", "ot_index", "label"]
+    assert m["labels"]["num_classes"] == 3 and m["labels"]["conditional"]
+    assert all(r["label"] == target_labels[r["ot_index"]] for r in rows)
+    assert {r["nfe"] for r in rows} == {3}
+    guided = SampleConfig(
+        **problem, out=str(tmp_path / "g"), conditional=True, guidance_scale=2.0, **common
+    )
+    run_sample(guided)
+    gm, gtable = datasets.read_samples(str(tmp_path / "g"))
+    assert set(gtable.column("nfe").to_pylist()) == {6} and gm["nfe"] == 6
+    assert gm["null_class"] == 3 and gm["guidance_scale"] == 2.0  # DiT's convention: C
+    assert gtable.column("label").to_pylist() == table.column("label").to_pylist()
+    # the worker's model saw each sample's label, then the null class, at every step
+    job = ChunkJob(
+        out=str(tmp_path / "w"),
+        model=problem["model"],
+        prediction="eps",
+        device="cpu",
+        dtype="float32",
+        schedule=Schedule().to_dict(),
+        t_start=20,
+        data_shape=(4,),
+        sampler=SamplerSpec(name="ddim", nfe=3),
+        from_noise=False,
+        seed=0,
+        png=False,
+        batch=4,
+        conditional=True,
+        guidance=2.0,
+        null_class=3,
+    )
+    writer = ChunkWriter(job)
+    labels = np.array([2, 0, 1, 1, 2])
+    x_start = np.zeros((5, 4), np.float32)
+    stats = writer.write(0, np.arange(5), np.zeros(5, np.int64), x_start, labels)
+    seen = [y.tolist() for y in writer.model.fn.seen]
+    assert stats["nfe"] == 6 and len(seen) == 2 * 3  # two batches (4 + 1) × three steps
+    assert seen[:3] == [[2, 0, 1, 1, 3, 3, 3, 3]] * 3 and seen[3:] == [[2, 3]] * 3
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_from_noise_draws_labels_from_the_targets_histogram(tmp_path):
+    problem = labelled_problem(tmp_path, n=40)
+    counts = datasets.read_targets_manifest(problem["targets"])["labels"]["counts"]
+    common = {"targets": problem["targets"], "model": problem["model"], "conditional": True}
+    common |= {"from_noise": True, "sampler": "ddim", "nfe": 2, "num": 600}
+    run_sample(SampleConfig(**common, out=str(tmp_path / "a"), chunk=256))
+    run_sample(SampleConfig(**common, out=str(tmp_path / "b"), chunk=100))
+    a = datasets.read_samples(str(tmp_path / "a"))[1].column("label").to_numpy()
+    b = datasets.read_samples(str(tmp_path / "b"))[1].column("label").to_numpy()
+    np.testing.assert_array_equal(a, b)  # a sample's label depends on (seed, sample_id) only
+    freq = np.bincount(a, minlength=3) / len(a)
+    np.testing.assert_allclose(freq, np.array(counts) / sum(counts), atol=0.06)
