@@ -63,6 +63,53 @@ def tiny_vae(scaling_factor: float = 0.5, shift_factor: float | None = None):
     ).eval()
 
 
+def tiny_dit(num_classes: int, channels: int = 4, size: int = 8):
+    """A random diffusers ``DiTTransformer2DModel`` (seed 0) that learns Σ (2·C out channels),
+    with DiT's label embedding: ``num_classes`` classes and the null class."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=channels,
+        out_channels=2 * channels,
+        num_layers=1,
+        sample_size=size,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=4,
+    ).eval()
+
+
+def save_ddpm_pipeline(folder, unet, vae=None, **scheduler) -> str:
+    """``DDPMPipeline(unet, DDPMScheduler(**scheduler)).save_pretrained(folder)``: ``unet/`` +
+    ``scheduler/``; with a ``vae``, a latent pipeline's ``unet/`` + ``vae/`` + ``scheduler/``."""
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.DDPMScheduler(**scheduler)
+    if vae is None:
+        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=sch)
+    else:
+
+        class LatentPipeline(diffusers.DiffusionPipeline):
+            def __init__(self, unet, vae, scheduler) -> None:
+                super().__init__()
+                self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+
+        pipe = LatentPipeline(unet=unet, vae=vae, scheduler=sch)
+    pipe.save_pretrained(str(folder))
+    return str(folder)
+
+
+def save_dit_pipeline(folder, transformer, vae, **scheduler) -> str:
+    """``DiTPipeline(...).save_pretrained(folder)``: transformer/ + vae/ + scheduler/."""
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.DDIMScheduler(**scheduler)
+    diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=sch).save_pretrained(
+        str(folder)
+    )
+    return str(folder)
+
+
 class Zero(torch.nn.Module):
     """A TorchScript-able ε-model that predicts no noise: refinement returns x_t / a_t."""
 

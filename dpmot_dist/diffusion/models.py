@@ -10,8 +10,12 @@ k-diffusion ``external`` pattern):
 
 - ``gmm:FILE``: the exact ε of a Gaussian mixture Σ_c π_c N(m_c, s_c² I), whose marginal at
   t is Σ_c π_c N(a_t m_c, (a_t² s_c² + s_t²) I) for VP and VE alike (DESIGN §2);
-- ``diffusers:DIR``: a ``diffusers.UNet2DModel`` (a local or any fsspec folder; a pipeline
-  folder with ``unet/`` works too), ε- or v-prediction as its scheduler config says;
+- ``diffusers:DIR``: a ``diffusers.UNet2DModel`` (class-conditional with class embeddings) or
+  a DiT (``DiTTransformer2DModel`` / ``Transformer2DModel``, conditional), a local or any
+  fsspec folder: a model folder, or a pipeline folder written by ``save_pretrained``
+  (DDPMPipeline: ``unet/`` + ``scheduler/``; DiTPipeline: ``transformer/`` + ``vae/`` +
+  ``scheduler/``; a latent pipeline: ``unet/`` + ``vae/``), ε-, v- or x_0-prediction as its
+  scheduler config says (:func:`pipeline_schedule` and :func:`pipeline_vae` read the rest);
 - ``torchscript:FILE``: ``torch.jit.load`` of a module called as ``model(x_t, t)``
   (``model(x_t, t, y)`` with ``conditional``), returning ε (or v / x_0 with ``prediction``).
 
@@ -302,19 +306,6 @@ class ModuleDenoiser:
         return eps_from_prediction(out, x, a, s, self.prediction)
 
 
-def _unet_call(unet) -> Callable[..., torch.Tensor]:
-    def call(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return unet(x, t, class_labels=y).sample
-
-    return call
-
-
-def _unet_classes(config) -> tuple[bool, int | None]:
-    """(conditional, class-embedding rows) of a ``UNet2DModel`` config."""
-    rows = config.get("num_class_embeds")
-    return rows is not None or config.get("class_embed_type") is not None, rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Class conditioning
 
@@ -366,19 +357,87 @@ class ModelClasses:
 
 
 def model_classes(spec: str, conditional: bool = False) -> ModelClasses:
-    """Whether the model ``spec`` is class-conditional (TorchScript: as ``conditional`` says)."""
+    """Whether the model ``spec`` is class-conditional (TorchScript: as ``conditional`` says),
+    from its config files alone."""
     kind, where = parse_spec(spec)
     if kind == "gmm":
         return ModelClasses()
     if kind == "torchscript":
         return ModelClasses(conditional)
-    root = where.rstrip("/")
-    uri = storage.join(root, "unet", "config.json")
-    if not storage.exists(uri):
-        uri = storage.join(root, "config.json")
+    uri = storage.join(denoiser_folder(where.rstrip("/")), "config.json")
     if not storage.exists(uri):
         return ModelClasses()  # load_model reports the missing model
-    return ModelClasses(*_unet_classes(storage.read_json(uri)))
+    config = storage.read_json(uri)
+    return network_classes(_network_name(uri, config), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models and pipeline folders
+
+NETWORKS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")
+_DENOISER_FOLDERS = ("unet", "transformer")  # a pipeline's denoiser, as diffusers names it
+_BETA_SCHEDULES = {
+    "linear": "vp-linear",
+    "scaled_linear": "vp-scaled-linear",
+    "squaredcos_cap_v2": "vp-cosine",
+}
+
+
+def denoiser_folder(root: str) -> str:
+    """The folder of the denoiser's ``config.json``: a pipeline's ``unet/`` (DDPMPipeline,
+    latent pipelines) or ``transformer/`` (DiTPipeline), else ``root`` (a model folder)."""
+    for sub in _DENOISER_FOLDERS:
+        if storage.exists(storage.join(root, sub, "config.json")):
+            return storage.join(root, sub)
+    return root
+
+
+def _network_name(uri: str, config: dict) -> str:
+    """The diffusers class of a denoiser config (UNet2DModel when it does not say)."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in NETWORKS:
+        raise DpmotError(f"{uri}: {name} is not a supported denoiser ({', '.join(NETWORKS)})")
+    if name == "Transformer2DModel" and config.get("norm_type") != "ada_norm_zero":
+        raise DpmotError(f"{uri}: a Transformer2DModel without ada_norm_zero is not a DiT")
+    return name
+
+
+def network_classes(name: str, config: dict) -> ModelClasses:
+    """Classes of a diffusers denoiser: a UNet2DModel's class embedding (``num_class_embeds``
+    rows), DiT's label embedding (``num_embeds_ada_norm`` classes and the null class)."""
+    if name == "UNet2DModel":
+        rows = config.get("num_class_embeds")
+        return ModelClasses(rows is not None or config.get("class_embed_type") is not None, rows)
+    classes = config.get("num_embeds_ada_norm")
+    return ModelClasses(True, None if classes is None else int(classes) + 1)
+
+
+def pipeline_schedule(spec: str) -> Schedule | None:
+    """The β schedule in a diffusers pipeline folder's ``scheduler/`` (None without one)."""
+    kind, where = parse_spec(spec)
+    uri = storage.join(where.rstrip("/"), "scheduler", "scheduler_config.json")
+    if kind != "diffusers" or not storage.exists(uri):
+        return None
+    cfg = storage.read_json(uri)
+    betas = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None or betas not in _BETA_SCHEDULES:
+        raise DpmotError(
+            f"{uri}: beta_schedule {betas!r} (or trained_betas) not supported; use "
+            f"{', '.join(_BETA_SCHEDULES)} or pass --schedule"
+        )
+    return Schedule(
+        kind=_BETA_SCHEDULES[betas],
+        num_steps=int(cfg.get("num_train_timesteps", 1000)),
+        beta_start=float(cfg.get("beta_start", 1e-4)),
+        beta_end=float(cfg.get("beta_end", 0.02)),
+    )
+
+
+def pipeline_vae(spec: str) -> str | None:
+    """The ``vae/`` folder of a diffusers pipeline (DiTPipeline, latent pipelines), if any."""
+    kind, where = parse_spec(spec)
+    uri = storage.join(where.rstrip("/"), "vae")
+    return uri if kind == "diffusers" and storage.exists(storage.join(uri, "config.json")) else None
 
 
 def _diffusers_prediction(folder: str) -> str:
@@ -408,19 +467,38 @@ def _check_diffusers_schedule(folder: str, schedule: Schedule) -> None:
         log.warning("%s: scheduler differs from the targets' schedule: %s", path, diff)
 
 
-def load_unet(folder: str, device: torch.device, dtype: torch.dtype):
-    """``UNet2DModel.from_pretrained`` of a local folder (``unet/`` subfolder if present)."""
+def load_network(folder: str, device: torch.device, dtype: torch.dtype):
+    """(network, class name): the UNet2DModel or DiT of a local model or pipeline folder."""
     try:
-        from diffusers import UNet2DModel
+        import diffusers
     except ImportError:
         raise DpmotError("diffusers models need the 'diffusers' package") from None
-    sub = "unet" if os.path.isdir(os.path.join(folder, "unet")) else None
+    where = denoiser_folder(folder)
+    path = os.path.join(where, "config.json")
+    config = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            config = json.load(f)
+    name = _network_name(path, config)
     try:
-        unet = UNet2DModel.from_pretrained(folder, subfolder=sub)
+        net = getattr(diffusers, name).from_pretrained(where)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DpmotError(f"{folder}: cannot load a UNet2DModel ({reason})") from None
-    return unet.to(device, dtype).eval()
+        raise DpmotError(f"{folder}: cannot load a {name} ({reason})") from None
+    return net.to(device, dtype).eval(), name
+
+
+def _network_call(net, name: str) -> Callable[..., torch.Tensor]:
+    """f(x_t, t, y=None) of a diffusers network; a DiT that learns Σ returns ε's channels."""
+    channels = net.config.in_channels
+
+    def unet(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return net(x, t, class_labels=y).sample
+
+    def dit(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return net(x, timestep=t, class_labels=y).sample[:, :channels]
+
+    return unet if name == "UNet2DModel" else dit
 
 
 def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDenoiser:
@@ -431,29 +509,40 @@ def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDeno
         with storage.storage_errors(uri):
             if not fs.isdir(path):
                 raise DpmotError(f"{uri}: no such folder")
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+            root = path.rstrip("/")
+            for part in _needed_parts(fs, root):
+                fs.get(f"{root}/{part}/" if part else f"{root}/", f"{tmp}/{part}", recursive=True)
         return _diffusers_from_folder(tmp, schedule, device, dtype, prediction)
+
+
+def _needed_parts(fs, path: str) -> list[str]:
+    """What loading needs of a remote folder: a pipeline's denoiser and scheduler (its VAE
+    is the decoder's business), else the whole model folder."""
+    for sub in _DENOISER_FOLDERS:
+        if fs.exists(f"{path}/{sub}/config.json"):
+            return [sub] + (["scheduler"] if fs.isdir(f"{path}/scheduler") else [])
+    return [""]
 
 
 def _diffusers_from_folder(folder, schedule, device, dtype, prediction) -> ModuleDenoiser:
     if not os.path.isdir(folder):
         raise DpmotError(f"{folder}: no such folder")
-    unet = load_unet(folder, device, dtype)
+    net, name = load_network(folder, device, dtype)
     kind = _diffusers_prediction(folder) if prediction == "auto" else prediction
     _check_diffusers_schedule(folder, schedule)
-    size = unet.config.sample_size
+    size = net.config.sample_size
     hw = tuple(size) if isinstance(size, list | tuple) else (size, size)
-    shape = (unet.config.in_channels, *hw)
-    conditional, rows = _unet_classes(unet.config)
+    shape = (net.config.in_channels, *hw)
+    classes = network_classes(name, net.config)
     return ModuleDenoiser(
-        _unet_call(unet),
+        _network_call(net, name),
         schedule,
         prediction=kind,
         device=device,
         dtype=dtype,
         data_shape=shape,
-        conditional=conditional,
-        class_rows=rows,
+        conditional=classes.conditional,
+        class_rows=classes.rows,
     )
 
 

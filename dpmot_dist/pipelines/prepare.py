@@ -106,7 +106,9 @@ class PrepareConfig(Config):
         description="input URI: .npy/.npz, a Parquet file or folder, or a folder of PNG/JPEG"
     )
     out: str = Field(description="output targets data set folder URI")
-    schedule: ScheduleKind = Field("vp-linear", description="vp-linear, vp-cosine or ve")
+    schedule: ScheduleKind = Field(
+        "vp-linear", description="vp-linear, vp-scaled-linear, vp-cosine or ve"
+    )
     step: int = Field(ge=0, description="diffusion step M (diffusers timestep): targets are x_M")
     copies: int = Field(1, ge=1, description="independent noise draws per data point")
     seed: int = Field(0, description="noise seed; ε of row i, copy c uses stream (seed, i, c)")

@@ -40,7 +40,14 @@ from pydantic import Field, field_validator, model_validator
 
 from dpmot_dist import __version__
 from dpmot_dist.config import Config
-from dpmot_dist.diffusion.models import ModelClasses, load_model, model_classes, parse_spec
+from dpmot_dist.diffusion.models import (
+    ModelClasses,
+    load_model,
+    model_classes,
+    parse_spec,
+    pipeline_schedule,
+    pipeline_vae,
+)
 from dpmot_dist.diffusion.samplers import STREAM_LABEL, SamplerSpec, uniforms
 from dpmot_dist.diffusion.schedules import Schedule
 from dpmot_dist.diffusion.vae import VaeSpec
@@ -115,7 +122,11 @@ class SampleConfig(Config):
     langevin_steps: int = Field(1, ge=1, description="Langevin steps per noise level")
     langevin_lr: float = Field(0.5, gt=0, description="Langevin step α_t / s_t²")
     from_noise: bool = Field(False, description="baseline: start from pure noise, no map")
-    schedule: str | dict | None = Field(None, description="vp-linear, vp-cosine, ve or JSON")
+    schedule: str | dict | None = Field(
+        None,
+        description="vp-linear, vp-scaled-linear, vp-cosine, ve or JSON (default: the targets', "
+        "else the diffusers pipeline's scheduler)",
+    )
     step: int | None = Field(None, ge=0, description="step M of the targets (from manifest)")
     shape: list[int] | None = Field(None, description="data shape, e.g. 3,32,32")
     seed: int = 0
@@ -157,7 +168,8 @@ class SampleConfig(Config):
         parse_spec(self.model)
         if not self.from_noise and not (self.targets and self.potential):
             raise ValueError("--targets and --potential are required unless --from-noise")
-        if self.from_noise and not (self.targets or self.schedule):
+        pipeline = self.model.startswith("diffusers:")
+        if self.from_noise and not (self.targets or self.schedule or pipeline):
             raise ValueError("--from-noise needs the schedule: pass --targets or --schedule")
         if self.from_noise and self.sampler in ("ddim", "dpm-solver++") and self.nfe is None:
             raise ValueError(f"--from-noise with --sampler {self.sampler} needs --nfe")
@@ -227,8 +239,9 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
         schedule = parse_schedule(cfg.schedule)
     elif "schedule" in m:
         schedule = Schedule.from_dict(m["schedule"])
-    else:
-        raise DpmotError(f"{cfg.targets}: no schedule in the targets' manifest; pass --schedule")
+    elif (schedule := pipeline_schedule(cfg.model)) is None:
+        where = cfg.targets or cfg.model
+        raise DpmotError(f"{where}: no schedule in the targets' manifest; pass --schedule")
     shape = cfg.shape or m.get("data_shape") or m.get("shape") or _model_shape(cfg, schedule)
     shape = tuple(int(s) for s in shape)
     common = {"vae": resolve_vae(cfg, m, shape), **resolve_classes(cfg, m)}
@@ -275,7 +288,8 @@ def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
 
 
 def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:
-    """The VAE that decodes the samples: ``--vae``, else the one the targets were encoded with.
+    """The VAE that decodes the samples: ``--vae``, else the one the targets were encoded with,
+    else (targets not written by prepare, or none) a diffusers pipeline's ``vae/``.
 
     None when there is none, with ``--vae none`` or ``--png never``.
     """
@@ -283,6 +297,8 @@ def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> Va
         return None
     recorded = manifest.get("vae") or {}
     uri = cfg.vae or recorded.get("uri")
+    if uri is None and "vae" not in manifest:  # prepare records "vae": null for pixel data
+        uri = pipeline_vae(cfg.model)
     if uri is None:
         return None
     vae = VaeSpec.open(uri, cfg.batch)
