@@ -10,7 +10,9 @@
   the cluster has GPUs), one Parquet chunk per task; ``--workers 0`` runs in process. Samples are
   quantised to 8 bits first, as their PNGs are.
 - ``--classifier``: the mode-mixture rate of a TorchScript classifier ``model(x) -> logits``
-  over thresholds t (a sample is mixed when ≥ 2 classes have probability ≥ t).
+  over thresholds t (a sample is mixed when ≥ 2 classes have probability ≥ t), and for
+  labelled samples the label fidelity (the fraction it assigns to their own ``label``),
+  overall and per class. It sees the decoded images of latent samples, else ``x``.
 - ``--targets``: the memorisation rate against the training data (``--fresh`` held-out
   draws give the reference distances; else the training points' leave-one-out distances).
 - ``--gmm``: mode mixture and mode-weight error under the mixture, sliced W2 and MMD to fresh
@@ -303,7 +305,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     needs_points = cfg.classifier or cfg.targets or cfg.gmm
     x = read_points(cfg.samples, cfg.max_samples) if needs_points else None
     if cfg.classifier:
-        report["classifier_mixture"] = classifier_report(cfg, x, tuple(manifest["data_shape"]))
+        report.update(classifier_report(cfg, *classifier_inputs(cfg, manifest, x)))
     mixture = None
     if cfg.gmm:
         from dpmot_dist.diffusion.models import GaussianMixture
@@ -335,8 +337,27 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def classifier_report(cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...]) -> dict:
-    """Classifier mode-mixture rates per threshold."""
+def classifier_inputs(
+    cfg: EvalConfig, manifest: dict, x: np.ndarray
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """What the classifier sees (decoded images of latent samples, else x), its per-row shape
+    and the samples' labels (None when unlabelled)."""
+    labels = None
+    if "label" in manifest.get("columns", []):
+        _, table = datasets.read_samples(cfg.samples)
+        labels = table.column("label").to_numpy()[: len(x)]
+    if not manifest.get("image_shape"):
+        return x, tuple(manifest["data_shape"]), labels
+    tasks = chunk_tasks(cfg.samples, cfg.max_samples)
+    images = np.concatenate([t.images() for t in tasks])
+    return images.reshape(len(images), -1), tuple(manifest["image_shape"]), labels
+
+
+def classifier_report(
+    cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...], labels: np.ndarray | None = None
+) -> dict:
+    """Classifier mode-mixture rates per threshold (``classifier_mixture``) and, given the
+    samples' labels, their label fidelity."""
     device = torch.device(resolve_device(cfg.device))
     model = load_classifier(cfg.classifier, device)
     xs = torch.from_numpy(np.array(x.reshape(len(x), *shape))).to(device)
@@ -352,7 +373,10 @@ def classifier_report(cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...]) ->
     if probs.ndim != 2:
         raise DpmotError(f"{cfg.classifier}: expected (B, classes) output, got {probs.shape}")
     thresholds = tuple(cfg.thresholds or metrics.THRESHOLDS)
-    return metrics.classifier_mixture(probs, thresholds)
+    report = {"classifier_mixture": metrics.classifier_mixture(probs, thresholds)}
+    if labels is not None:
+        report.update(metrics.label_fidelity(probs, labels))
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -360,7 +384,8 @@ def format_report(report: dict) -> str:
     lines = []
     for k, v in report.items():
         if isinstance(v, dict):
-            v = ", ".join(f"t={t}: {r:.2%}" for t, r in v.items())
+            name = "t=" if k == "classifier_mixture" else "class "
+            v = ", ".join(f"{name}{t}: {r:.2%}" for t, r in v.items())
         elif isinstance(v, float):
             v = f"{v:.6g}"
         lines.append(f"{k:>24}: {v}")
