@@ -83,8 +83,9 @@ def _report_fit(cfg, result) -> None:
         return
     ev = result.evaluation
     tv = f", fresh-sample TV {ev['tv']:.4f}" if ev else ""
+    each = " (one potential per label) after at most" if cfg.by_label else " after"
     print(
-        f"wrote {cfg.out.rstrip('/')}/h.npy after {result.iterations} iterations "
+        f"wrote {cfg.out.rstrip('/')}/h.npy{each} {result.iterations} iterations "
         f"({result.samples:,} samples){tv}"
     )
     tolerance = cfg.solver.tol_grad or cfg.solver.tol_tv
@@ -94,7 +95,7 @@ def _report_fit(cfg, result) -> None:
 
 def _report_sample(cfg, s: dict) -> None:
     if s["complete"]:
-        print(f"{cfg.out}: already complete ({cfg.num} samples); nothing written")
+        print(f"{cfg.out}: already complete ({s['num']} samples); nothing written")
         return
     print(
         f"wrote {s['written']} samples ({s['chunks_written']} chunks, NFE {s['nfe']}) to "

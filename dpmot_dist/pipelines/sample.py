@@ -16,6 +16,9 @@ DDIM / DPM-Solver++ baselines through the same code path and layout.
 Labelled targets: every sample carries the label y_{i*} of its OT winner i* (a from-noise
 baseline draws it from the targets' label histogram, stream (seed, sample_id)), and a
 class-conditional model is called with it (``--guidance-scale``: classifier-free guidance).
+With a potential of ``fit --by-label`` each sample's class comes first (``--labels 3,7``:
+drawn among those by the histogram; ``--per-label K``: K of each), then its noise is mapped
+into that class's cells only: i* = argmax over I_c of ⟨x, y_i⟩ + h_i.
 
 Latent targets (``prepare --vae``) are decoded to images by the same AutoencoderKL in the
 workers (``--vae`` names another one, ``--vae none`` keeps only the latents): ``x`` holds the
@@ -63,7 +66,13 @@ from dpmot_dist.pipelines.chunks import (
     run_ray,
     write_table_atomic,
 )
-from dpmot_dist.pipelines.ot_map import MapPlan, TargetRows, mapped_points, plan_map
+from dpmot_dist.pipelines.ot_map import (
+    MASKED,
+    MapPlan,
+    TargetRows,
+    mapped_points,
+    plan_map,
+)
 from dpmot_dist.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,17 @@ class SampleConfig(Config):
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "data": ("targets", "potential", "schedule", "step", "shape"),
-        "map": ("map", "k", "angle", "interp_max", "seed", "num", "from_noise"),
+        "map": (
+            "map",
+            "k",
+            "angle",
+            "interp_max",
+            "seed",
+            "num",
+            "labels",
+            "per_label",
+            "from_noise",
+        ),
         "model": (
             "model",
             "sampler",
@@ -110,7 +129,7 @@ class SampleConfig(Config):
     targets: str | None = Field(None, description="targets data set (schedule, step, shape)")
     potential: str | None = Field(None, description="fit output folder (h.npy) or an h .npy")
     model: str = Field(description="gmm:FILE, diffusers:DIR or torchscript:FILE")
-    num: int = Field(ge=1, description="number of samples")
+    num: int | None = Field(None, ge=1, description="number of samples (required)")
     out: str = Field(description="output folder URI")
     map: Literal["copy", "interp"] = Field("copy", description="OT map: copy or interp")
     k: int = Field(8, ge=2, description="interp: top-k cells searched")
@@ -155,17 +174,32 @@ class SampleConfig(Config):
     null_class: int | None = Field(
         None, ge=0, description="null class id of guidance (default: the number of classes)"
     )
+    labels: list[int] | None = Field(
+        None,
+        description="only these classes, e.g. 3,7 (a fit --by-label potential, or from noise)",
+    )
+    per_label: int | None = Field(
+        None, ge=1, description="K samples of each class of --labels (default: of every class)"
+    )
     overwrite: bool = Field(False, description="replace an existing output")
 
-    @field_validator("shape", mode="before")
+    @field_validator("shape", "labels", mode="before")
     @classmethod
     def _shape_from_flag(cls, v: Any) -> Any:
-        """``--shape 3,32,32`` arrives as a string."""
-        return [int(float(s)) for s in v.split(",")] if isinstance(v, str) else v
+        """``--shape 3,32,32`` (``--labels 3,7``) arrives as a string, or a list of floats."""
+        if isinstance(v, str):
+            return [int(float(s)) for s in v.split(",")]
+        if isinstance(v, list) and all(isinstance(s, float) and s.is_integer() for s in v):
+            return [int(s) for s in v]
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
         parse_spec(self.model)
+        if self.num is None and self.per_label is None:
+            raise ValueError("--num is required (or --per-label K)")
+        if self.labels is not None and (not self.labels or min(self.labels) < 0):
+            raise ValueError("--labels must be non-negative class ids, e.g. 3,7")
         if not self.from_noise and not (self.targets and self.potential):
             raise ValueError("--targets and --potential are required unless --from-noise")
         pipeline = self.model.startswith("diffusers:")
@@ -207,6 +241,7 @@ class RunInfo:
     target_labels: np.ndarray | None = None  # (N,) the targets' labels
     labels: dict | None = None  # the targets' manifest ``labels`` (num_classes, counts, ...)
     null_class: int | None = None
+    by_label: bool = False  # h holds one potential per class (fit --by-label)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -255,9 +290,17 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
     n, dim = datasets.targets_shape(cfg.targets)
     if math.prod(shape) != dim:
         raise DpmotError(f"{cfg.targets}: data shape {list(shape)} does not hold D={dim} values")
-    h, source = load_potential(cfg.potential, n)
+    h, source, by_label = load_potential(cfg.potential, n)
     labels = datasets.load_target_labels(cfg.targets) if common["labels"] else None
-    return RunInfo(schedule, int(step), shape, h, source, target_labels=labels, **common)
+    if by_label and labels is None:
+        raise DpmotError(f"{cfg.targets}: a --by-label potential needs the labelled targets")
+    if (cfg.labels or cfg.per_label) and not by_label:
+        raise DpmotError(
+            f"{cfg.potential}: --labels and --per-label need a potential of fit --by-label "
+            "(a global potential's cells of one class hold only that class's share of μ)"
+        )
+    info = {"target_labels": labels, "by_label": by_label, **common}
+    return RunInfo(schedule, int(step), shape, h, source, **info)
 
 
 def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
@@ -284,6 +327,13 @@ def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
                 f"{cfg.model}: {bad} is outside the model's {classes.rows} class embeddings"
                 + ("" if top >= classes.rows else "; pass --null-class")
             )
+    if cfg.from_noise and (cfg.labels or cfg.per_label) and not classes.conditional:
+        raise DpmotError(f"{cfg.model}: --labels from noise need a class-conditional model")
+    if cfg.labels and labels is not None and max(cfg.labels) >= labels["num_classes"]:
+        raise DpmotError(
+            f"{cfg.targets}: label {max(cfg.labels)} is not among the {labels['num_classes']} "
+            "classes of the targets"
+        )
     return {"classes": classes, "labels": labels, "null_class": null if guided else None}
 
 
@@ -324,9 +374,10 @@ def _model_shape(cfg: SampleConfig, schedule: Schedule) -> tuple[int, ...]:
     return shape
 
 
-def load_potential(uri: str, n: int) -> tuple[np.ndarray, str]:
-    """h (n,) float64 and the source measure of a fit output folder (or an h ``.npy``)."""
-    source = "gaussian"
+def load_potential(uri: str, n: int) -> tuple[np.ndarray, str, bool]:
+    """h (n,) float64, the source measure of a fit output folder (or an h ``.npy``), and
+    whether h holds one potential per class (``fit --by-label``)."""
+    source, by_label = "gaussian", False
     if uri.rstrip("/").lower().endswith(".npy"):
         h = storage.load_npy(uri)
     else:
@@ -334,11 +385,34 @@ def load_potential(uri: str, n: int) -> tuple[np.ndarray, str]:
             raise DpmotError(f"{uri}: not a finished fit output (no _SUCCESS); rerun fit")
         manifest_uri = datasets.find_aux(uri, datasets.MANIFEST)
         if manifest_uri is not None:
-            source = storage.read_json(manifest_uri).get("source", "gaussian")
+            manifest = storage.read_json(manifest_uri)
+            source, by_label = manifest.get("source", "gaussian"), bool(manifest.get("by_label"))
         h = storage.load_npy(storage.join(uri, "h.npy"))
     if h.shape != (n,) or h.dtype.kind != "f" or not np.isfinite(h).all():
         raise DpmotError(f"{uri}: h must be {n} finite floats (one per target), got {h.shape}")
-    return h.astype(np.float64), source
+    return h.astype(np.float64), source, by_label
+
+
+def resolve_num(cfg: SampleConfig, info: RunInfo) -> SampleConfig:
+    """The options with ``num`` = K × the number of classes under ``--per-label K``."""
+    if cfg.per_label is None:
+        return cfg
+    num = cfg.per_label * len(chosen_classes(cfg, info))
+    if cfg.num is not None and cfg.num != num:
+        raise DpmotError(f"--num {cfg.num} with --per-label {cfg.per_label}: there are {num}")
+    return cfg.model_copy(update={"num": num})
+
+
+def chosen_classes(cfg: SampleConfig, info: RunInfo) -> np.ndarray:
+    """The classes samples are drawn from: ``--labels``, else every class with targets."""
+    counts = np.asarray(info.labels["counts"])
+    if not cfg.labels:
+        return np.flatnonzero(counts)
+    chosen = np.unique(cfg.labels)
+    if info.by_label and (counts[chosen] == 0).any():
+        c = int(chosen[np.argmax(counts[chosen] == 0)])
+        raise DpmotError(f"{cfg.targets}: class {c} has no targets, hence no cells")
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,14 +468,26 @@ def draw_labels(seed: int, sample_ids: np.ndarray, weights: np.ndarray) -> np.nd
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
 
 
-def plan_labels(cfg: SampleConfig, info: RunInfo, plan: MapPlan) -> np.ndarray | None:
-    """Each sample's label: its OT winner's (y_{i*}), or for a from-noise baseline of a
-    class-conditional model, a draw from the targets' label histogram; None if unlabelled."""
-    if not cfg.from_noise:
-        return None if info.target_labels is None else info.target_labels[plan.ot_index]
-    if not info.classes.conditional:
+def classes_first(cfg: SampleConfig, info: RunInfo) -> np.ndarray | None:
+    """Labels chosen before the map: for a ``--by-label`` potential and for from-noise
+    baselines of class-conditional models. ``--per-label K``: K of each chosen class, in
+    order; else a draw by the targets' histogram among them, per sample. None otherwise."""
+    if not (info.by_label or (cfg.from_noise and info.classes.conditional)):
         return None
-    return draw_labels(cfg.seed, np.arange(cfg.num), np.asarray(info.labels["counts"]))
+    chosen = chosen_classes(cfg, info)
+    if cfg.per_label is not None:
+        return np.repeat(chosen, cfg.per_label)
+    weights = np.asarray(info.labels["counts"], np.float64)[chosen]
+    weights = weights if weights.sum() > 0 else np.ones(len(chosen))
+    return chosen[draw_labels(cfg.seed, np.arange(cfg.num), weights)]
+
+
+def plan_labels(info: RunInfo, plan: MapPlan, first: np.ndarray | None) -> np.ndarray | None:
+    """Each sample's label: chosen first (:func:`classes_first`), else its OT winner's
+    y_{i*}; None for unlabelled runs."""
+    if first is not None or info.target_labels is None or (plan.ot_index < 0).any():
+        return first
+    return info.target_labels[plan.ot_index]
 
 
 def check_same_run(out: str, fp: dict, theirs: dict) -> None:
@@ -415,8 +501,14 @@ def check_same_run(out: str, fp: dict, theirs: dict) -> None:
         )
 
 
-def make_plan(cfg: SampleConfig, info: RunInfo) -> tuple[MapPlan, TargetRows | None]:
-    """Phase 1's search: every sample's OT cell (and interp partner) via the ShardPool."""
+def make_plan(
+    cfg: SampleConfig, info: RunInfo, labels: np.ndarray | None = None
+) -> tuple[MapPlan, TargetRows | None]:
+    """Phase 1's search: every sample's OT cell (and interp partner) via the ShardPool.
+
+    For a ``--by-label`` potential the samples of class c search class c's cells only: h is
+    :data:`~dpmot_dist.pipelines.ot_map.MASKED` on the other targets.
+    """
     from dpmot_dist.pipelines.shards import ShardPool
 
     if cfg.from_noise:
@@ -432,28 +524,42 @@ def make_plan(cfg: SampleConfig, info: RunInfo) -> tuple[MapPlan, TargetRows | N
     )
     source = Source(kind=info.source)
     ids = np.arange(cfg.num, dtype=np.int64)
-    plans, rows = [], []
+    plans, rows, order = [], [], []
     try:
-        for a in range(0, cfg.num, cfg.map_batch):
-            plan, r = plan_map(
-                pool,
-                info.h,
-                ids[a : a + cfg.map_batch],
-                cfg.seed,
-                mode=cfg.map,
-                k=cfg.k,
-                angle=cfg.angle,
-                w_max=cfg.interp_max,
-                source=source,
-                targets_uri=cfg.targets,
-                batch=cfg.map_batch,
-            )
-            plans.append(plan)
-            rows.append(r)
+        for group, h, allowed in label_groups(ids, info, labels):
+            order.append(group)
+            for a in range(0, len(group), cfg.map_batch):
+                plan, r = plan_map(
+                    pool,
+                    h,
+                    group[a : a + cfg.map_batch],
+                    cfg.seed,
+                    mode=cfg.map,
+                    k=cfg.k,
+                    angle=cfg.angle,
+                    w_max=cfg.interp_max,
+                    source=source,
+                    targets_uri=cfg.targets,
+                    batch=cfg.map_batch,
+                    cells=allowed,
+                )
+                plans.append(plan)
+                rows.append(r)
     finally:
         pool.close()
     cached = rows[0] if len(rows) == 1 else None  # reuse interp's rows when in one wave
-    return MapPlan.concat(plans), cached
+    return MapPlan.concat(plans).take(np.argsort(np.concatenate(order))), cached
+
+
+def label_groups(ids: np.ndarray, info: RunInfo, labels: np.ndarray | None):
+    """(sample ids, h, reachable targets) per search: all samples with h, or for a
+    ``--by-label`` potential the samples of each class c with h masked outside I_c."""
+    if not info.by_label:
+        yield ids, info.h, None
+        return
+    for c in np.unique(labels):
+        cell = info.target_labels == c
+        yield ids[labels == c], np.where(cell, info.h, MASKED), cell
 
 
 def chunk_tasks(
@@ -498,8 +604,10 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         manifest = datasets.read_manifest(cfg.out)
         check_same_run(cfg.out, fp, manifest.get("fingerprint", {}))
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
-        return {"out": cfg.out, "num": cfg.num, "complete": True, "written": 0, "chunks_written": 0}
+        num = manifest.get("num")
+        return {"out": cfg.out, "num": num, "complete": True, "written": 0, "chunks_written": 0}
     info = resolve_run(cfg)  # checks the inputs before anything is written
+    cfg = resolve_num(cfg, info)
     storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=not cfg.overwrite)
     if cfg.workers:
         ensure_ray()
@@ -513,8 +621,9 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = None
     if saved is None:
-        plan, rows = make_plan(cfg, info)
-        labels = plan_labels(cfg, info, plan)
+        first = classes_first(cfg, info)
+        plan, rows = make_plan(cfg, info, first)
+        labels = plan_labels(info, plan, first)
         table = plan_table(plan, cfg.seed, fp, labels)
         write_table_atomic(storage.join(cfg.out, datasets.PLAN), table)
     else:
