@@ -306,35 +306,47 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
 def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
     """The model's classes, the targets' labels and the null class; checks they fit."""
     classes = model_classes(cfg.model, cfg.conditional)
-    labels = manifest.get("labels") or None
     guided = cfg.guidance_scale not in (None, 1.0)
     if guided and not classes.conditional:
         raise DpmotError(f"{cfg.model}: --guidance-scale needs a class-conditional model")
+    if cfg.from_noise and (cfg.labels or cfg.per_label) and not classes.conditional:
+        raise DpmotError(f"{cfg.model}: --labels from noise need a class-conditional model")
+    labels = manifest.get("labels") or chosen_without_targets(cfg, classes)
     if classes.conditional and labels is None:
         where = cfg.targets or "--from-noise without --targets"
         raise DpmotError(
             f"{where}: {cfg.model} is class-conditional but there are no labels; prepare a "
-            "labelled data set"
+            "labelled data set (or pass --labels from noise)"
         )
-    null = cfg.null_class
-    if null is None and labels is not None:
-        null = labels["num_classes"]  # DiT's convention: classes 0..C−1, then the null class
-    if classes.conditional and classes.rows is not None:
-        top = labels["num_classes"] - 1
-        if top >= classes.rows or (guided and null >= classes.rows):
-            bad = f"label {top}" if top >= classes.rows else f"null class {null}"
-            raise DpmotError(
-                f"{cfg.model}: {bad} is outside the model's {classes.rows} class embeddings"
-                + ("" if top >= classes.rows else "; pass --null-class")
-            )
-    if cfg.from_noise and (cfg.labels or cfg.per_label) and not classes.conditional:
-        raise DpmotError(f"{cfg.model}: --labels from noise need a class-conditional model")
-    if cfg.labels and labels is not None and max(cfg.labels) >= labels["num_classes"]:
+    if labels is None:
+        return {"classes": classes, "labels": None, "null_class": None}
+    if cfg.labels and max(cfg.labels) >= labels["num_classes"]:
         raise DpmotError(
-            f"{cfg.targets}: label {max(cfg.labels)} is not among the {labels['num_classes']} "
-            "classes of the targets"
+            f"{cfg.targets or cfg.model}: label {max(cfg.labels)} is not among the "
+            f"{labels['num_classes']} classes"
+        )
+    # DiT's convention: classes 0..C−1, then the null class C
+    null = labels["num_classes"] if cfg.null_class is None else cfg.null_class
+    rows = classes.rows if classes.conditional else None
+    if rows is not None and labels["num_classes"] > rows:
+        raise DpmotError(f"{cfg.model}: {labels['num_classes']} classes, {rows} embeddings")
+    if rows is not None and guided and null >= rows:
+        raise DpmotError(
+            f"{cfg.model}: null class {null} is outside the model's {rows} class embeddings; "
+            "pass --null-class"
         )
     return {"classes": classes, "labels": labels, "null_class": null if guided else None}
+
+
+def chosen_without_targets(cfg: SampleConfig, classes: ModelClasses) -> dict | None:
+    """From noise without labelled targets: ``--labels`` chosen with equal weights, among the
+    model's classes (its embeddings but the last, the null class, when it declares them)."""
+    if not (cfg.from_noise and cfg.labels and classes.conditional):
+        return None
+    num_classes = classes.rows - 1 if classes.rows else max(cfg.labels) + 1
+    counts = np.zeros(max(num_classes, max(cfg.labels) + 1), np.int64)
+    counts[cfg.labels] = 1
+    return {"num_classes": num_classes, "counts": counts.tolist()}
 
 
 def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:

@@ -67,12 +67,21 @@ def test_each_class_potential_is_the_fit_of_that_class_alone(problem, tmp_path):
         assert summary[str(c)]["evaluation"]["tv"] < 0.05
 
 
-def test_ray_workers_give_the_same_potentials(problem, tmp_path, ray_local):
+def test_ray_workers_give_the_same_potentials_and_samples(problem, tmp_path, ray_local):
     cfg = {"targets": problem["targets"], "by_label": True, **FIT, "iters": 30}
     local = run_fit(FitConfig(out=str(tmp_path / "a"), **cfg))
     ray = run_fit(FitConfig(out=str(tmp_path / "b"), workers=2, cpus_per_worker=0.5, **cfg))
     np.testing.assert_array_equal(local.h, ray.h)
     assert json.loads((tmp_path / "b" / "_workers.json").read_text())["pids"]
+    common = {"targets": problem["targets"], "potential": str(tmp_path / "b")}
+    common |= {"model": problem["model"], "labels": [0, 1], "num": 40, "chunk": 16}
+    common |= {"sampler": "ddim", "nfe": 2, "backend": "torch"}
+    run_sample(SampleConfig(**common, out=str(tmp_path / "s0")))
+    run_sample(SampleConfig(**common, out=str(tmp_path / "s2"), workers=2, cpus_per_worker=0.5))
+    t0, t2 = (datasets.read_samples(str(tmp_path / n))[1] for n in ("s0", "s2"))
+    assert t0.column("label").to_pylist() == t2.column("label").to_pylist()
+    assert t0.column("ot_index").to_pylist() == t2.column("ot_index").to_pylist()
+    assert t0.column("x").to_pylist() == t2.column("x").to_pylist()
 
 
 def test_deal_balances_the_largest_classes_first():

@@ -255,6 +255,16 @@ def test_labelled_images_to_decoded_conditional_samples_and_their_fid(
     for row in table.to_pylist():
         assert png_pixels(row["png"]).shape == (3, 16, 16)  # the data's size, decoded
         assert row["label"] == target_labels[row["ot_index"]] and row["nfe"] == 4
+    if kind == "dit":  # the baseline from noise: labels chosen, schedule and VAE from the pipeline
+        base = str(tmp_path / "base")
+        run_cli(
+            "sample", "--from-noise", "--model", f"diffusers:{pipeline}", "--labels", "0,1",
+            "--per-label", "2", "--sampler", "ddim", "--nfe", "2", "--out", base,
+        )  # fmt: skip
+        bm, btable = datasets.read_samples(base)
+        assert bm["decoded"] and bm["schedule"]["kind"] == "vp-linear"
+        assert btable.column("label").to_pylist() == [0, 0, 1, 1]
+        assert all(png_pixels(b).shape == (3, 16, 16) for b in btable.column("png").to_pylist())
     torch.jit.save(torch.jit.script(Brightness()), str(tmp_path / "clf.pt"))
     report = tmp_path / "report.json"
     evaluate = ["eval", "--samples", out, "--classifier", str(tmp_path / "clf.pt")]
@@ -274,3 +284,13 @@ def test_labelled_images_to_decoded_conditional_samples_and_their_fid(
     assert r["label_fidelity_per_class"] == {
         str(c): pytest.approx(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)
     }
+
+
+def test_sample_help_documents_decode_guidance_and_labels(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--vae", "--guidance-scale", "--null-class", "--labels", "--per-label"):
+        assert flag in text
+    assert "decodes latent samples to images" in text and "classifier-free guidance" in text
+    assert "only these classes" in text
