@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dpmot_dist.io import datasets
 from dpmot_dist.pipelines.fit import FitConfig, run_fit
@@ -37,18 +38,19 @@ def labelled_targets(classes: int, per_class: int, dim: int, seed: int) -> tuple
 
 
 def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)  # the in-process global fit's, as each worker's
     y, labels = labelled_targets(args.classes, args.per_class, args.dim, args.seed)
     options = {
         "iters": args.iters,
         "workers": args.workers,
-        "cpus_per_worker": args.cpus_per_worker,
+        "cpus_per_worker": args.threads,
         "eval_samples": args.eval_samples,
         "seed": args.seed,
         "lattice": args.lattice,
         "backend": args.backend,
     }
     report = {"classes": args.classes, "per_class": args.per_class, "n": len(y), "dim": args.dim}
-    report |= {"iters": args.iters, "workers": args.workers}
+    report |= {"iters": args.iters, "workers": args.workers, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="dpmot-bench-labels-") as tmp:
         targets = str(Path(tmp) / "targets")
         datasets.write_targets(targets, y, labels=labels)
@@ -72,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=16, help="dimension D")
     parser.add_argument("--iters", type=int, default=200, help="iteration cap of every fit")
     parser.add_argument("--workers", type=int, default=0, help="Ray actors of both fits")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of each worker (and in process)"
+    )
     parser.add_argument(
         "--eval-samples", type=int, default=65536, help="fresh evaluation sample per problem"
     )
@@ -86,7 +90,7 @@ def cli_main(args: argparse.Namespace) -> int:
     r = run(args)
     print(
         f"{r['classes']} classes × {r['per_class']} targets (N={r['n']:,}, D={r['dim']}), "
-        f"{r['iters']} iterations per fit, {r['workers']} workers"
+        f"{r['iters']} iterations per fit, {r['workers']} workers × {r['threads']} threads"
     )
     for name in ("global", "by_label"):
         f = r[name]

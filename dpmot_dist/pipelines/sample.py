@@ -46,12 +46,11 @@ from dpmot_dist.config import Config
 from dpmot_dist.diffusion.models import (
     ModelClasses,
     load_model,
-    model_classes,
     parse_spec,
     pipeline_schedule,
     pipeline_vae,
 )
-from dpmot_dist.diffusion.samplers import STREAM_LABEL, SamplerSpec, uniforms
+from dpmot_dist.diffusion.samplers import SamplerSpec
 from dpmot_dist.diffusion.schedules import Schedule
 from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
@@ -66,13 +65,14 @@ from dpmot_dist.pipelines.chunks import (
     run_ray,
     write_table_atomic,
 )
-from dpmot_dist.pipelines.ot_map import (
-    MASKED,
-    MapPlan,
-    TargetRows,
-    mapped_points,
-    plan_map,
+from dpmot_dist.pipelines.classes import (
+    classes_first,
+    label_groups,
+    plan_labels,
+    resolve_classes,
+    resolve_num,
 )
+from dpmot_dist.pipelines.ot_map import MapPlan, TargetRows, mapped_points, plan_map
 from dpmot_dist.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,11 @@ class SampleConfig(Config):
     targets: str | None = Field(None, description="targets data set (schedule, step, shape)")
     potential: str | None = Field(None, description="fit output folder (h.npy) or an h .npy")
     model: str = Field(description="gmm:FILE, diffusers:DIR or torchscript:FILE")
-    num: int | None = Field(None, ge=1, description="number of samples (required)")
+    num: int | None = Field(
+        None,
+        ge=1,
+        description="number of samples (default: none, required; K × classes with --per-label K)",
+    )
     out: str = Field(description="output folder URI")
     map: Literal["copy", "interp"] = Field("copy", description="OT map: copy or interp")
     k: int = Field(8, ge=2, description="interp: top-k cells searched")
@@ -169,14 +173,16 @@ class SampleConfig(Config):
         False, description="the TorchScript model takes class labels: model(x_t, t, y)"
     )
     guidance_scale: float | None = Field(
-        None, description="classifier-free guidance scale s of a class-conditional model"
+        None,
+        description="classifier-free guidance scale s of a class-conditional model (default: none)",
     )
     null_class: int | None = Field(
         None, ge=0, description="null class id of guidance (default: the number of classes)"
     )
     labels: list[int] | None = Field(
         None,
-        description="only these classes, e.g. 3,7 (a fit --by-label potential, or from noise)",
+        description="only these classes, e.g. 3,7, with a fit --by-label potential or from noise "
+        "(default: every class)",
     )
     per_label: int | None = Field(
         None, ge=1, description="K samples of each class of --labels (default: of every class)"
@@ -303,52 +309,6 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
     return RunInfo(schedule, int(step), shape, h, source, **info)
 
 
-def resolve_classes(cfg: SampleConfig, manifest: dict) -> dict[str, Any]:
-    """The model's classes, the targets' labels and the null class; checks they fit."""
-    classes = model_classes(cfg.model, cfg.conditional)
-    guided = cfg.guidance_scale not in (None, 1.0)
-    if guided and not classes.conditional:
-        raise DpmotError(f"{cfg.model}: --guidance-scale needs a class-conditional model")
-    if cfg.from_noise and (cfg.labels or cfg.per_label) and not classes.conditional:
-        raise DpmotError(f"{cfg.model}: --labels from noise need a class-conditional model")
-    labels = manifest.get("labels") or chosen_without_targets(cfg, classes)
-    if classes.conditional and labels is None:
-        where = cfg.targets or "--from-noise without --targets"
-        raise DpmotError(
-            f"{where}: {cfg.model} is class-conditional but there are no labels; prepare a "
-            "labelled data set (or pass --labels from noise)"
-        )
-    if labels is None:
-        return {"classes": classes, "labels": None, "null_class": None}
-    if cfg.labels and max(cfg.labels) >= labels["num_classes"]:
-        raise DpmotError(
-            f"{cfg.targets or cfg.model}: label {max(cfg.labels)} is not among the "
-            f"{labels['num_classes']} classes"
-        )
-    # DiT's convention: classes 0..C−1, then the null class C
-    null = labels["num_classes"] if cfg.null_class is None else cfg.null_class
-    rows = classes.rows if classes.conditional else None
-    if rows is not None and labels["num_classes"] > rows:
-        raise DpmotError(f"{cfg.model}: {labels['num_classes']} classes, {rows} embeddings")
-    if rows is not None and guided and null >= rows:
-        raise DpmotError(
-            f"{cfg.model}: null class {null} is outside the model's {rows} class embeddings; "
-            "pass --null-class"
-        )
-    return {"classes": classes, "labels": labels, "null_class": null if guided else None}
-
-
-def chosen_without_targets(cfg: SampleConfig, classes: ModelClasses) -> dict | None:
-    """From noise without labelled targets: ``--labels`` chosen with equal weights, among the
-    model's classes (its embeddings but the last, the null class, when it declares them)."""
-    if not (cfg.from_noise and cfg.labels and classes.conditional):
-        return None
-    num_classes = classes.rows - 1 if classes.rows else max(cfg.labels) + 1
-    counts = np.zeros(max(num_classes, max(cfg.labels) + 1), np.int64)
-    counts[cfg.labels] = 1
-    return {"num_classes": num_classes, "counts": counts.tolist()}
-
-
 def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:
     """The VAE that decodes the samples: ``--vae``, else the one the targets were encoded with,
     else (targets not written by prepare, or none) a diffusers pipeline's ``vae/``.
@@ -405,28 +365,6 @@ def load_potential(uri: str, n: int) -> tuple[np.ndarray, str, bool]:
     return h.astype(np.float64), source, by_label
 
 
-def resolve_num(cfg: SampleConfig, info: RunInfo) -> SampleConfig:
-    """The options with ``num`` = K × the number of classes under ``--per-label K``."""
-    if cfg.per_label is None:
-        return cfg
-    num = cfg.per_label * len(chosen_classes(cfg, info))
-    if cfg.num is not None and cfg.num != num:
-        raise DpmotError(f"--num {cfg.num} with --per-label {cfg.per_label}: there are {num}")
-    return cfg.model_copy(update={"num": num})
-
-
-def chosen_classes(cfg: SampleConfig, info: RunInfo) -> np.ndarray:
-    """The classes samples are drawn from: ``--labels``, else every class with targets."""
-    counts = np.asarray(info.labels["counts"])
-    if not cfg.labels:
-        return np.flatnonzero(counts)
-    chosen = np.unique(cfg.labels)
-    if info.by_label and (counts[chosen] == 0).any():
-        c = int(chosen[np.argmax(counts[chosen] == 0)])
-        raise DpmotError(f"{cfg.targets}: class {c} has no targets, hence no cells")
-    return chosen
-
-
 # ---------------------------------------------------------------------------------------------
 # Output layout
 
@@ -473,35 +411,6 @@ def read_plan(out: str) -> tuple[MapPlan, dict, np.ndarray | None] | None:
     return MapPlan(cols["ot_index"], cols["partner"], cols["weight"]), fp, labels
 
 
-def draw_labels(seed: int, sample_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Class ids c ~ weights (C,) for each sample, from its own stream (seed, STREAM_LABEL)."""
-    cdf = np.cumsum(np.asarray(weights, np.float64))
-    u = uniforms(seed, STREAM_LABEL, sample_ids, 1)[:, 0] * cdf[-1]
-    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
-
-
-def classes_first(cfg: SampleConfig, info: RunInfo) -> np.ndarray | None:
-    """Labels chosen before the map: for a ``--by-label`` potential and for from-noise
-    baselines of class-conditional models. ``--per-label K``: K of each chosen class, in
-    order; else a draw by the targets' histogram among them, per sample. None otherwise."""
-    if not (info.by_label or (cfg.from_noise and info.classes.conditional)):
-        return None
-    chosen = chosen_classes(cfg, info)
-    if cfg.per_label is not None:
-        return np.repeat(chosen, cfg.per_label)
-    weights = np.asarray(info.labels["counts"], np.float64)[chosen]
-    weights = weights if weights.sum() > 0 else np.ones(len(chosen))
-    return chosen[draw_labels(cfg.seed, np.arange(cfg.num), weights)]
-
-
-def plan_labels(info: RunInfo, plan: MapPlan, first: np.ndarray | None) -> np.ndarray | None:
-    """Each sample's label: chosen first (:func:`classes_first`), else its OT winner's
-    y_{i*}; None for unlabelled runs."""
-    if first is not None or info.target_labels is None or (plan.ot_index < 0).any():
-        return first
-    return info.target_labels[plan.ot_index]
-
-
 def check_same_run(out: str, fp: dict, theirs: dict) -> None:
     """An existing output must come from the same options."""
     diff = sorted(k for k in set(fp) | set(theirs) if fp.get(k) != theirs.get(k))
@@ -518,8 +427,8 @@ def make_plan(
 ) -> tuple[MapPlan, TargetRows | None]:
     """Phase 1's search: every sample's OT cell (and interp partner) via the ShardPool.
 
-    For a ``--by-label`` potential the samples of class c search class c's cells only: h is
-    :data:`~dpmot_dist.pipelines.ot_map.MASKED` on the other targets.
+    For a ``--by-label`` potential the samples of class c search class c's cells only
+    (:func:`~dpmot_dist.pipelines.classes.label_groups`).
     """
     from dpmot_dist.pipelines.shards import ShardPool
 
@@ -561,17 +470,6 @@ def make_plan(
         pool.close()
     cached = rows[0] if len(rows) == 1 else None  # reuse interp's rows when in one wave
     return MapPlan.concat(plans).take(np.argsort(np.concatenate(order))), cached
-
-
-def label_groups(ids: np.ndarray, info: RunInfo, labels: np.ndarray | None):
-    """(sample ids, h, reachable targets) per search: all samples with h, or for a
-    ``--by-label`` potential the samples of each class c with h masked outside I_c."""
-    if not info.by_label:
-        yield ids, info.h, None
-        return
-    for c in np.unique(labels):
-        cell = info.target_labels == c
-        yield ids[labels == c], np.where(cell, info.h, MASKED), cell
 
 
 def chunk_tasks(
