@@ -16,6 +16,7 @@ BENCHMARKS = {
     "prepare": "driver peak memory while preparing a large synthetic data set",
     "quality": "mode mixture and sample quality of DPM-OT vs DDIM / DPM-Solver++",
     "labels": "fit --by-label (one potential per class) against one global fit",
+    "decode": "sample throughput of a latent class-conditional run with and without decoding",
 }
 
 

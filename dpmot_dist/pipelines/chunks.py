@@ -232,7 +232,7 @@ class ChunkWriter:
             "rows": len(sample_ids),
             "nfe": nfe,
             "t_gen": t1 - t0,
-            "t_decode": t2 - t1,
+            "t_decode": 0.0 if images is None else t2 - t1,
             "t_write": t3 - t2,
         }
 
