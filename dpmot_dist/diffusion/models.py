@@ -481,7 +481,7 @@ def load_network(folder: str, device: torch.device, dtype: torch.dtype):
             config = json.load(f)
     name = _network_name(path, config)
     try:
-        net = getattr(diffusers, name).from_pretrained(where)
+        net = getattr(diffusers, name).from_pretrained(where, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DpmotError(f"{folder}: cannot load a {name} ({reason})") from None

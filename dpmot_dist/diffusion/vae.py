@@ -145,7 +145,7 @@ def _load_vae(
         with storage.storage_errors(uri):
             fs.get(path.rstrip("/") + "/", local, recursive=True)
     try:
-        vae = AutoencoderKL.from_pretrained(local)
+        vae = AutoencoderKL.from_pretrained(local, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise DpmotError(f"{uri}: cannot load AutoencoderKL ({str(e).splitlines()[0]})") from e
     return vae.to(device, dtype).eval(), device

@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 # Options that do not change a single output value (where and how fast it runs).
 _RUNTIME_OPTIONS = frozenset(
     {"out", "workers", "cpus_per_worker", "device", "overwrite", "backend", "storage_dtype"}
-    | {"batch", "map_batch"}
+    | {"batch", "map_batch", "vae_batch_size"}
 )
 
 
@@ -110,6 +110,7 @@ class SampleConfig(Config):
             "dtype",
             "prediction",
             "vae",
+            "vae_batch_size",
             "conditional",
             "guidance_scale",
             "null_class",
@@ -169,6 +170,7 @@ class SampleConfig(Config):
         description="AutoencoderKL folder that decodes latent samples to images (default: the "
         "VAE prepare encoded the targets with; none: no decoding)",
     )
+    vae_batch_size: int = Field(32, ge=1, description="latents per VAE decode pass")
     conditional: bool = Field(
         False, description="the TorchScript model takes class labels: model(x_t, t, y)"
     )
@@ -323,7 +325,7 @@ def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> Va
         uri = pipeline_vae(cfg.model)
     if uri is None:
         return None
-    vae = VaeSpec.open(uri, cfg.batch)
+    vae = VaeSpec.open(uri, cfg.vae_batch_size)
     channels = vae.image_shape(shape)[0]
     if channels not in (1, 3):
         raise DpmotError(f"{vae.uri}: decodes {channels}-channel images; PNG needs 1 or 3")
