@@ -15,6 +15,8 @@ BENCHMARKS = {
     "solver": "samples needed to reach the reference schedule's accuracy",
     "prepare": "driver peak memory while preparing a large synthetic data set",
     "quality": "mode mixture and sample quality of DPM-OT vs DDIM / DPM-Solver++",
+    "labels": "fit --by-label (one potential per class) against one global fit",
+    "decode": "sample throughput of a latent class-conditional run with and without decoding",
 }
 
 

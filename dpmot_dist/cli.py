@@ -70,9 +70,10 @@ VERBS = {
 
 
 def _report_prepare(cfg, m: dict) -> None:
+    labels = f", {m['labels']['num_classes']} classes" if m.get("labels") else ""
     print(
         f"wrote {m['n']:,} targets × {m['dim']:,} ({m['source_rows']:,} rows × {m['copies']} "
-        f"copies, shape {m['data_shape']}) to {cfg.out}"
+        f"copies, shape {m['data_shape']}{labels}) to {cfg.out}"
     )
 
 
@@ -82,8 +83,9 @@ def _report_fit(cfg, result) -> None:
         return
     ev = result.evaluation
     tv = f", fresh-sample TV {ev['tv']:.4f}" if ev else ""
+    each = " (one potential per label) after at most" if cfg.by_label else " after"
     print(
-        f"wrote {cfg.out.rstrip('/')}/h.npy after {result.iterations} iterations "
+        f"wrote {cfg.out.rstrip('/')}/h.npy{each} {result.iterations} iterations "
         f"({result.samples:,} samples){tv}"
     )
     tolerance = cfg.solver.tol_grad or cfg.solver.tol_tv
@@ -93,13 +95,18 @@ def _report_fit(cfg, result) -> None:
 
 def _report_sample(cfg, s: dict) -> None:
     if s["complete"]:
-        print(f"{cfg.out}: already complete ({cfg.num} samples); nothing written")
+        print(f"{cfg.out}: already complete ({s['num']} samples); nothing written")
         return
     print(
         f"wrote {s['written']} samples ({s['chunks_written']} chunks, NFE {s['nfe']}) to "
         f"{cfg.out}: {s['samples_per_s']:.4g} samples/s, {s['model_evals_per_s']:.4g} model "
         f"evaluations/s; map {100 * s['map_fraction']:.1f}% of phase-2 time"
     )
+    if s["decode_seconds"]:
+        print(
+            f"decoding took {100 * s['decode_fraction']:.1f}% of the workers' time: "
+            f"{s['samples_per_s_without_decode']:.4g} samples/s without it"
+        )
 
 
 def _report_eval(cfg, report: dict) -> None:

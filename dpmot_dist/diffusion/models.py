@@ -1,17 +1,23 @@
-"""Denoisers behind one contract: ``model.eps(x_t, t) -> ε̂``.
+"""Denoisers behind one contract: ``model.eps(x_t, t, y=None) -> ε̂``.
 
 A :class:`Denoiser` predicts the noise ε of x_t = a_t x_0 + s_t ε at integer timesteps t
 (int64, shape [B]) of its :class:`~dpmot_dist.diffusion.schedules.Schedule`; x_t has the data shape
-(B, *shape). Every sampler in :mod:`dpmot_dist.diffusion.samplers` is written against this contract
-alone, and the adapters below turn each model kind into it (the k-diffusion ``external``
-pattern):
+(B, *shape); a class-conditional model (``conditional``) also takes class ids y (int64, [B]).
+Every sampler in :mod:`dpmot_dist.diffusion.samplers` is written against ``eps(x_t, t)``
+alone: :class:`ClassConditioned` binds a batch's labels (and classifier-free guidance) to a
+conditional model, and the adapters below turn each model kind into the contract (the
+k-diffusion ``external`` pattern):
 
 - ``gmm:FILE``: the exact ε of a Gaussian mixture Σ_c π_c N(m_c, s_c² I), whose marginal at
   t is Σ_c π_c N(a_t m_c, (a_t² s_c² + s_t²) I) for VP and VE alike (DESIGN §2);
-- ``diffusers:DIR``: a ``diffusers.UNet2DModel`` (a local or any fsspec folder; a pipeline
-  folder with ``unet/`` works too), ε- or v-prediction as its scheduler config says;
-- ``torchscript:FILE``: ``torch.jit.load`` of a module called as ``model(x_t, t)``,
-  returning ε (or v / x_0 with ``prediction``).
+- ``diffusers:DIR``: a ``diffusers.UNet2DModel`` (class-conditional with class embeddings) or
+  a DiT (``DiTTransformer2DModel`` / ``Transformer2DModel``, conditional), a local or any
+  fsspec folder: a model folder, or a pipeline folder written by ``save_pretrained``
+  (DDPMPipeline: ``unet/`` + ``scheduler/``; DiTPipeline: ``transformer/`` + ``vae/`` +
+  ``scheduler/``; a latent pipeline: ``unet/`` + ``vae/``), ε-, v- or x_0-prediction as its
+  scheduler config says (:func:`pipeline_schedule` and :func:`pipeline_vae` read the rest);
+- ``torchscript:FILE``: ``torch.jit.load`` of a module called as ``model(x_t, t)``
+  (``model(x_t, t, y)`` with ``conditional``), returning ε (or v / x_0 with ``prediction``).
 
 Only safe loaders are used: ``torch.jit.load`` for TorchScript, diffusers' safetensors (or
 ``torch.load(weights_only=True)``) for UNets, ``numpy.load(allow_pickle=False)`` and JSON for
@@ -49,13 +55,17 @@ _DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 
 
 class Denoiser(Protocol):
-    """The contract every sampler uses: ε̂ = eps(x_t, t) for x_t = a_t x_0 + s_t ε."""
+    """The contract every sampler uses: ε̂ = eps(x_t, t) for x_t = a_t x_0 + s_t ε.
+
+    A class-conditional model has ``conditional`` set and needs y; ``class_rows`` is the size
+    of its class embedding when known (labels and the null class must be below it).
+    """
 
     schedule: Schedule
     data_shape: tuple[int, ...] | None
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε̂ (B, *shape) for x_t (B, *shape) at integer timesteps t (B,) int64."""
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ (B, *shape) for x_t (B, *shape) at integer timesteps t (B,) int64, classes y (B,)."""
         ...
 
 
@@ -246,7 +256,7 @@ class GMMDenoiser:
         self.mixture, self.schedule = mixture, schedule
         self.data_shape = (mixture.dim,)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         a, s = coefficients(self.schedule, t, x.reshape(len(x), -1).double())
         return self.mixture.eps(x, a, s).to(x.dtype).reshape(x.shape)
 
@@ -256,30 +266,38 @@ class GMMDenoiser:
 
 
 class ModuleDenoiser:
-    """A network f(x_t, t) predicting ε, v or x_0, seen through the ε contract.
+    """A network f(x_t, t) (f(x_t, t, y) when ``conditional``) predicting ε, v or x_0, seen
+    through the ε contract.
 
     Inputs are cast to the network's dtype and device; ε̂ comes back in x's dtype.
     """
 
     def __init__(
         self,
-        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        fn: Callable[..., torch.Tensor],
         schedule: Schedule,
         *,
         prediction: str = "eps",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         data_shape: tuple[int, ...] | None = None,
+        conditional: bool = False,
+        class_rows: int | None = None,
     ) -> None:
         if prediction not in ("eps", "v", "x0"):
             raise DpmotError(f"prediction must be eps, v or x0, got {prediction!r}")
         self.fn, self.schedule, self.prediction = fn, schedule, prediction
         self.device, self.dtype, self.data_shape = torch.device(device), dtype, data_shape
+        self.conditional, self.class_rows = conditional, class_rows
 
     @torch.no_grad()
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.fn(x.to(self.device, self.dtype), t.to(self.device, torch.long))
-        out = out.to(x.device, x.dtype)
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        args = [x.to(self.device, self.dtype), t.to(self.device, torch.long)]
+        if self.conditional:
+            if y is None:
+                raise DpmotError("a class-conditional model needs labels y")
+            args.append(y.to(self.device, torch.long))
+        out = self.fn(*args).to(x.device, x.dtype)
         if out.shape != x.shape:
             raise DpmotError(f"model returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
         if self.prediction == "eps":
@@ -288,11 +306,138 @@ class ModuleDenoiser:
         return eps_from_prediction(out, x, a, s, self.prediction)
 
 
-def _unet_call(unet) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
+# ---------------------------------------------------------------------------------------------
+# Class conditioning
 
-    return call
+
+class ClassConditioned:
+    """A class-conditional ``model`` with the labels y (B,) of its batch bound: ``eps(x_t, t)``.
+
+    With a guidance scale s ≠ 1 it is classifier-free guidance (Ho & Salimans 2022),
+
+        ε̂(x_t, t) = ε̂(x_t, t, ∅) + s · (ε̂(x_t, t, y) − ε̂(x_t, t, ∅)),
+
+    ∅ the null class id; both halves go through the model as one doubled batch, which counts
+    as 2 model evaluations per call (``evaluations``). (Guidance on ε equals guidance on v or
+    x̂_0: the conversions are affine and the weights (1 − s, s) sum to 1.)
+    """
+
+    def __init__(
+        self,
+        model: Denoiser,
+        y: torch.Tensor,
+        guidance: float = 1.0,
+        null_class: int | None = None,
+    ) -> None:
+        if guidance != 1.0 and null_class is None:
+            raise DpmotError("classifier-free guidance needs the null class id")
+        self.model, self.y, self.guidance, self.null_class = model, y.long(), guidance, null_class
+        self.schedule, self.data_shape = model.schedule, model.data_shape
+        self.evaluations = 1 if guidance == 1.0 else 2
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        if self.evaluations == 1:
+            return self.model.eps(x, t, self.y)
+        null = torch.full_like(self.y, self.null_class)
+        both = self.model.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, null]))
+        cond, uncond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+@dataclass(frozen=True)
+class ModelClasses:
+    """What a model says about classes, read from its files without loading weights.
+
+    ``conditional``: it needs labels; ``rows``: the size of its class embedding when known
+    (DiT: its classes + 1, the last one the null class).
+    """
+
+    conditional: bool = False
+    rows: int | None = None
+
+
+def model_classes(spec: str, conditional: bool = False) -> ModelClasses:
+    """Whether the model ``spec`` is class-conditional (TorchScript: as ``conditional`` says),
+    from its config files alone."""
+    kind, where = parse_spec(spec)
+    if kind == "gmm":
+        return ModelClasses()
+    if kind == "torchscript":
+        return ModelClasses(conditional)
+    uri = storage.join(denoiser_folder(where.rstrip("/")), "config.json")
+    if not storage.exists(uri):
+        return ModelClasses()  # load_model reports the missing model
+    config = storage.read_json(uri)
+    return network_classes(_network_name(uri, config), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers models and pipeline folders
+
+NETWORKS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")
+_DENOISER_FOLDERS = ("unet", "transformer")  # a pipeline's denoiser, as diffusers names it
+_BETA_SCHEDULES = {
+    "linear": "vp-linear",
+    "scaled_linear": "vp-scaled-linear",
+    "squaredcos_cap_v2": "vp-cosine",
+}
+
+
+def denoiser_folder(root: str) -> str:
+    """The folder of the denoiser's ``config.json``: a pipeline's ``unet/`` (DDPMPipeline,
+    latent pipelines) or ``transformer/`` (DiTPipeline), else ``root`` (a model folder)."""
+    for sub in _DENOISER_FOLDERS:
+        if storage.exists(storage.join(root, sub, "config.json")):
+            return storage.join(root, sub)
+    return root
+
+
+def _network_name(uri: str, config: dict) -> str:
+    """The diffusers class of a denoiser config (UNet2DModel when it does not say)."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in NETWORKS:
+        raise DpmotError(f"{uri}: {name} is not a supported denoiser ({', '.join(NETWORKS)})")
+    if name == "Transformer2DModel" and config.get("norm_type") != "ada_norm_zero":
+        raise DpmotError(f"{uri}: a Transformer2DModel without ada_norm_zero is not a DiT")
+    return name
+
+
+def network_classes(name: str, config: dict) -> ModelClasses:
+    """Classes of a diffusers denoiser: a UNet2DModel's class embedding (``num_class_embeds``
+    rows), DiT's label embedding (``num_embeds_ada_norm`` classes and the null class)."""
+    if name == "UNet2DModel":
+        rows = config.get("num_class_embeds")
+        return ModelClasses(rows is not None or config.get("class_embed_type") is not None, rows)
+    classes = config.get("num_embeds_ada_norm")
+    return ModelClasses(True, None if classes is None else int(classes) + 1)
+
+
+def pipeline_schedule(spec: str) -> Schedule | None:
+    """The β schedule in a diffusers pipeline folder's ``scheduler/`` (None without one)."""
+    kind, where = parse_spec(spec)
+    uri = storage.join(where.rstrip("/"), "scheduler", "scheduler_config.json")
+    if kind != "diffusers" or not storage.exists(uri):
+        return None
+    cfg = storage.read_json(uri)
+    betas = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None or betas not in _BETA_SCHEDULES:
+        raise DpmotError(
+            f"{uri}: beta_schedule {betas!r} (or trained_betas) not supported; use "
+            f"{', '.join(_BETA_SCHEDULES)} or pass --schedule"
+        )
+    return Schedule(
+        kind=_BETA_SCHEDULES[betas],
+        num_steps=int(cfg.get("num_train_timesteps", 1000)),
+        beta_start=float(cfg.get("beta_start", 1e-4)),
+        beta_end=float(cfg.get("beta_end", 0.02)),
+    )
+
+
+def pipeline_vae(spec: str) -> str | None:
+    """The ``vae/`` folder of a diffusers pipeline (DiTPipeline, latent pipelines), if any."""
+    kind, where = parse_spec(spec)
+    uri = storage.join(where.rstrip("/"), "vae")
+    return uri if kind == "diffusers" and storage.exists(storage.join(uri, "config.json")) else None
 
 
 def _diffusers_prediction(folder: str) -> str:
@@ -322,19 +467,38 @@ def _check_diffusers_schedule(folder: str, schedule: Schedule) -> None:
         log.warning("%s: scheduler differs from the targets' schedule: %s", path, diff)
 
 
-def load_unet(folder: str, device: torch.device, dtype: torch.dtype):
-    """``UNet2DModel.from_pretrained`` of a local folder (``unet/`` subfolder if present)."""
+def load_network(folder: str, device: torch.device, dtype: torch.dtype):
+    """(network, class name): the UNet2DModel or DiT of a local model or pipeline folder."""
     try:
-        from diffusers import UNet2DModel
+        import diffusers
     except ImportError:
         raise DpmotError("diffusers models need the 'diffusers' package") from None
-    sub = "unet" if os.path.isdir(os.path.join(folder, "unet")) else None
+    where = denoiser_folder(folder)
+    path = os.path.join(where, "config.json")
+    config = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            config = json.load(f)
+    name = _network_name(path, config)
     try:
-        unet = UNet2DModel.from_pretrained(folder, subfolder=sub)
+        net = getattr(diffusers, name).from_pretrained(where, torch_dtype=dtype)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise DpmotError(f"{folder}: cannot load a UNet2DModel ({reason})") from None
-    return unet.to(device, dtype).eval()
+        raise DpmotError(f"{folder}: cannot load a {name} ({reason})") from None
+    return net.to(device, dtype).eval(), name
+
+
+def _network_call(net, name: str) -> Callable[..., torch.Tensor]:
+    """f(x_t, t, y=None) of a diffusers network; a DiT that learns Σ returns ε's channels."""
+    channels = net.config.in_channels
+
+    def unet(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return net(x, t, class_labels=y).sample
+
+    def dit(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return net(x, timestep=t, class_labels=y).sample[:, :channels]
+
+    return unet if name == "UNet2DModel" else dit
 
 
 def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDenoiser:
@@ -345,25 +509,46 @@ def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDeno
         with storage.storage_errors(uri):
             if not fs.isdir(path):
                 raise DpmotError(f"{uri}: no such folder")
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+            root = path.rstrip("/")
+            for part in _needed_parts(fs, root):
+                fs.get(f"{root}/{part}/" if part else f"{root}/", f"{tmp}/{part}", recursive=True)
         return _diffusers_from_folder(tmp, schedule, device, dtype, prediction)
+
+
+def _needed_parts(fs, path: str) -> list[str]:
+    """What loading needs of a remote folder: a pipeline's denoiser and scheduler (its VAE
+    is the decoder's business), else the whole model folder."""
+    for sub in _DENOISER_FOLDERS:
+        if fs.exists(f"{path}/{sub}/config.json"):
+            return [sub] + (["scheduler"] if fs.isdir(f"{path}/scheduler") else [])
+    return [""]
 
 
 def _diffusers_from_folder(folder, schedule, device, dtype, prediction) -> ModuleDenoiser:
     if not os.path.isdir(folder):
         raise DpmotError(f"{folder}: no such folder")
-    unet = load_unet(folder, device, dtype)
+    net, name = load_network(folder, device, dtype)
     kind = _diffusers_prediction(folder) if prediction == "auto" else prediction
     _check_diffusers_schedule(folder, schedule)
-    size = unet.config.sample_size
+    size = net.config.sample_size
     hw = tuple(size) if isinstance(size, list | tuple) else (size, size)
-    shape = (unet.config.in_channels, *hw)
+    shape = (net.config.in_channels, *hw)
+    classes = network_classes(name, net.config)
     return ModuleDenoiser(
-        _unet_call(unet), schedule, prediction=kind, device=device, dtype=dtype, data_shape=shape
+        _network_call(net, name),
+        schedule,
+        prediction=kind,
+        device=device,
+        dtype=dtype,
+        data_shape=shape,
+        conditional=classes.conditional,
+        class_rows=classes.rows,
     )
 
 
-def _load_torchscript(uri: str, schedule, device, dtype, prediction) -> ModuleDenoiser:
+def _load_torchscript(
+    uri: str, schedule, device, dtype, prediction, conditional: bool = False
+) -> ModuleDenoiser:
     data = storage.read_bytes(uri)
     try:
         with warnings.catch_warnings():  # torch ≥ 2.9 deprecates TorchScript; it is the contract
@@ -374,7 +559,9 @@ def _load_torchscript(uri: str, schedule, device, dtype, prediction) -> ModuleDe
         raise DpmotError(f"{uri}: not a TorchScript module ({reason})") from None
     module = module.to(dtype).eval()
     kind = "eps" if prediction == "auto" else prediction
-    return ModuleDenoiser(module, schedule, prediction=kind, device=device, dtype=dtype)
+    return ModuleDenoiser(
+        module, schedule, prediction=kind, device=device, dtype=dtype, conditional=conditional
+    )
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -393,12 +580,15 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: str = "float32",
     prediction: str = "auto",
+    conditional: bool = False,
 ) -> Denoiser:
     """The denoiser named by ``spec`` (``gmm:FILE``, ``diffusers:DIR``, ``torchscript:FILE``).
 
     ``prediction`` (auto, eps, v, x0) says what a network returns; ``auto`` is the diffusers
     config's ``prediction_type`` (ε when absent) and ε for TorchScript. The exact mixture
-    ignores ``dtype`` and ``prediction`` (it computes ε in float64).
+    ignores ``dtype`` and ``prediction`` (it computes ε in float64). ``conditional``: a
+    TorchScript module takes class labels, ``model(x_t, t, y)`` (diffusers models say so in
+    their config).
     """
     kind, where = parse_spec(spec)
     if dtype not in DTYPES:
@@ -408,5 +598,6 @@ def load_model(
     device = torch.device(device)
     if kind == "gmm":
         return GMMDenoiser(GaussianMixture.load(where), schedule)
-    load = _load_diffusers if kind == "diffusers" else _load_torchscript
-    return load(where, schedule, device, DTYPES[dtype], prediction)
+    if kind == "torchscript":
+        return _load_torchscript(where, schedule, device, DTYPES[dtype], prediction, conditional)
+    return _load_diffusers(where, schedule, device, DTYPES[dtype], prediction)

@@ -2,7 +2,9 @@
 
 Every sampler takes a starting point x at timestep ``t_start`` (the OT map's x_M, or pure
 noise at T−1), runs to clean data and returns ``(x_0, nfe)``, the number of model
-evaluations each sample used. Random draws come from an explicit ``noise()`` callable
+evaluations each sample used (a class-conditional model comes with its batch's labels bound,
+:class:`~dpmot_dist.diffusion.models.ClassConditioned`; with guidance each call is 2
+evaluations, which :func:`refine` counts). Random draws come from an explicit ``noise()`` callable
 returning N(0, I) shaped like x; :class:`RowNoise` draws each row from the sample's own
 generator, so a sample is a pure function of (seed, sample_id) whatever batch it is in.
 
@@ -39,6 +41,7 @@ BLOCK = 1024
 STREAM_PRIOR = 0  # x_T: the noise the OT map sends to x_M, or the start of a from-noise run
 STREAM_MAP = 1  # the interp map's choice of neighbour and weight
 STREAM_SAMPLER = 2  # seeds of the per-sample generators of the sampler's step noise
+STREAM_LABEL = 3  # the class of a sample whose label is drawn (from-noise baselines)
 
 
 def block_rows(sample_ids: np.ndarray, make_block: Callable[[int], torch.Tensor]) -> torch.Tensor:
@@ -303,8 +306,17 @@ def refine(
     ``from_noise`` (x pure noise at T−1): ddim and dpm-solver++ go through the diffusers
     schedulers (the baselines, VP only; VE ddim uses :func:`ddim`). Otherwise ddim and
     langevin use :func:`spaced_timesteps` (t_start, nfe) and dpm-solver++ the same timesteps
-    in diffusers' solver.
+    in diffusers' solver. nfe counts model evaluations per sample: the sampler's model calls
+    × ``model.evaluations`` (2 under classifier-free guidance).
     """
+    x, calls = _refine(spec, model, x, t_start, noise, from_noise)
+    return x, calls * getattr(model, "evaluations", 1)
+
+
+def _refine(
+    spec: SamplerSpec, model: Denoiser, x: torch.Tensor, t_start: int, noise: Noise, from_noise
+) -> tuple[torch.Tensor, int]:
+    """:func:`refine`, counting model calls."""
     sch = model.schedule
     k = spec.nfe if spec.nfe is not None else t_start + 1
     if spec.name == "ddpm":

@@ -1,11 +1,13 @@
-"""Forward-diffusion schedules: VP (DDPM; linear or cosine β) and VE (NCSN; geometric σ).
+"""Forward-diffusion schedules: VP (DDPM; linear, scaled-linear or cosine β) and VE (NCSN;
+geometric σ).
 
 Timesteps follow diffusers: integers t ∈ {0, …, T−1}, the model is called with t, and
 
 - VP: x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε, ᾱ_t = Π_{s ≤ t} (1 − β_s), computed exactly as
   ``diffusers.DDPMScheduler`` does (β in float32, cumulative product in float32) so that
   targets and the models trained with that scheduler agree (Ho et al. 2020; Nichol &
-  Dhariwal 2021 for the cosine schedule).
+  Dhariwal 2021 for the cosine schedule; ``scaled_linear``, β_t = (linear in sqrt β)², is
+  latent diffusion's, Rombach et al. 2022).
 - VE: x_t = x_0 + σ_t ε, σ_t = σ_min (σ_max / σ_min)^{t / (T−1)} (Song & Ermon 2019/2020).
 
 Both are written as x_t = a_t x_0 + s_t ε with (a_t, s_t) from :meth:`Schedule.marginal`.
@@ -21,7 +23,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-ScheduleKind = Literal["vp-linear", "vp-cosine", "ve"]
+ScheduleKind = Literal["vp-linear", "vp-scaled-linear", "vp-cosine", "ve"]
+SCHEDULE_KINDS = ("vp-linear", "vp-scaled-linear", "vp-cosine", "ve")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +39,8 @@ class Schedule:
     sigma_max: float = 50.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vp-linear", "vp-cosine", "ve"):
-            raise ValueError(f"schedule must be vp-linear, vp-cosine or ve, got {self.kind!r}")
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
         if self.num_steps < 2:
             raise ValueError("a schedule needs at least 2 steps")
 
@@ -51,6 +54,9 @@ class Schedule:
         T = self.num_steps
         if self.kind == "vp-linear":
             return torch.linspace(self.beta_start, self.beta_end, T, dtype=torch.float32)
+        if self.kind == "vp-scaled-linear":
+            lo, hi = self.beta_start**0.5, self.beta_end**0.5
+            return torch.linspace(lo, hi, T, dtype=torch.float32) ** 2
         if self.kind == "vp-cosine":
 
             def alpha_bar(t: float) -> float:
@@ -94,7 +100,11 @@ class Schedule:
 
     def ddpm_scheduler_kwargs(self) -> dict:
         """Arguments that make a diffusers scheduler use this VP schedule."""
-        names = {"vp-linear": "linear", "vp-cosine": "squaredcos_cap_v2"}
+        names = {
+            "vp-linear": "linear",
+            "vp-scaled-linear": "scaled_linear",
+            "vp-cosine": "squaredcos_cap_v2",
+        }
         return {
             "num_train_timesteps": self.num_steps,
             "beta_start": self.beta_start,

@@ -2,7 +2,9 @@
 
 Latents are x_0 = scaling_factor · (E[q(z | image)] − shift_factor): the posterior *mean*, so
 that they are deterministic (``scaling_factor`` and ``shift_factor`` from the VAE's config).
-Any fsspec URI works: a remote folder is copied to a local temporary folder once per process.
+Decoding inverts the scaling, image = D(x_0 / scaling_factor + shift_factor), as diffusers'
+latent pipelines do. Any fsspec URI works: a remote folder is copied to a local temporary
+folder once per process.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class VaeSpec:
     latent_channels: int
     factor: int  # spatial down-sampling of the encoder
     batch_size: int
+    out_channels: int | None = None  # channels of a decoded image (default: in_channels)
 
     @classmethod
     def open(cls, uri: str, batch_size: int) -> VaeSpec:
@@ -51,6 +54,7 @@ class VaeSpec:
                 int(cfg.get("latent_channels", 4)),
                 2 ** (len(cfg["block_out_channels"]) - 1),
                 batch_size,
+                out_channels=int(cfg.get("out_channels", cfg.get("in_channels", 3))),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DpmotError(f"{uri}/config.json: not an AutoencoderKL config ({e})") from e
@@ -68,6 +72,16 @@ class VaeSpec:
                 f"down-sampling factor {self.factor}; set image_size"
             )
         return self.latent_channels, h // self.factor, w // self.factor
+
+    def image_shape(self, latent: tuple[int, ...]) -> tuple[int, int, int]:
+        """Decoded image (C, H, W) of a latent (c, h, w)."""
+        if len(latent) != 3 or latent[0] != self.latent_channels:
+            raise DpmotError(
+                f"{self.uri}: the VAE decodes {self.latent_channels}×h×w latents, the data "
+                f"shape is {list(latent)}"
+            )
+        c = self.out_channels or self.in_channels
+        return c, latent[1] * self.factor, latent[2] * self.factor
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -89,17 +103,41 @@ class VaeSpec:
                 out.append(((z - shift) * self.scaling_factor).float().cpu().numpy())
         return np.concatenate(out)
 
+    def load(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> None:
+        """Load the decoder on ``device`` in ``dtype`` now (errors before the first batch)."""
+        _load_vae(self.uri, str(torch.device(device)), dtype)
 
-@functools.lru_cache(maxsize=2)
-def _load_vae(uri: str) -> tuple[Any, str]:
-    """The AutoencoderKL at ``uri`` on this process's device (loaded once per worker process)."""
+    def decode(
+        self, x0: torch.Tensor, device: str | torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Latents x_0 (B, c, h, w) → images (B, C, H, W) float32 in the VAE's range ([−1, 1]).
+
+        image = D(x_0 / scaling_factor + shift_factor), ``batch_size`` latents per forward
+        pass, on ``device`` in ``dtype``; the images are returned on ``device``.
+        """
+        vae, device = _load_vae(self.uri, str(torch.device(device)), dtype)
+        shift = self.shift_factor or 0.0
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(x0), self.batch_size):
+                z = x0[a : a + self.batch_size].to(device, dtype) / self.scaling_factor + shift
+                out.append(vae.decode(z).sample.float())
+        return torch.cat(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_vae(
+    uri: str, device: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, str]:
+    """The AutoencoderKL at ``uri`` on ``device`` (default: CUDA when there is one) in ``dtype``,
+    loaded once per worker process."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise DpmotError(
-            f"{uri}: encoding needs diffusers (pip install dpmot-dist[diffusers])"
+            f"{uri}: the VAE needs diffusers (pip install dpmot-dist[diffusers])"
         ) from e
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     fs, path = storage.url_to_fs(uri)
     local = path if isinstance(fs, LocalFileSystem) else tempfile.mkdtemp(prefix="dpmot-vae-")
     if local != path:
@@ -107,7 +145,7 @@ def _load_vae(uri: str) -> tuple[Any, str]:
         with storage.storage_errors(uri):
             fs.get(path.rstrip("/") + "/", local, recursive=True)
     try:
-        vae = AutoencoderKL.from_pretrained(local)
+        vae = AutoencoderKL.from_pretrained(local, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:
         raise DpmotError(f"{uri}: cannot load AutoencoderKL ({str(e).splitlines()[0]})") from e
-    return vae.to(device).eval(), device
+    return vae.to(device, dtype).eval(), device

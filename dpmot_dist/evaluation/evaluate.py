@@ -14,7 +14,9 @@
   (``fid_convention``). Reference statistics made by ``--make-ref-stats`` record their
   convention, and statistics of another convention are refused.
 - ``--classifier``: the mode-mixture rate of a TorchScript classifier ``model(x) -> logits``
-  over thresholds t (a sample is mixed when ≥ 2 classes have probability ≥ t).
+  over thresholds t (a sample is mixed when ≥ 2 classes have probability ≥ t), and for
+  labelled samples the label fidelity (the fraction it assigns to their own ``label``),
+  overall and per class. It sees the decoded images of latent samples, else ``x``.
 - ``--targets``: the memorisation rate against the training data (``--fresh`` held-out
   draws give the reference distances; else the training points' leave-one-out distances).
 - ``--gmm``: mode mixture and mode-weight error under the mixture, sliced W2 and MMD to fresh
@@ -129,19 +131,34 @@ class EvalConfig(Config):
 
 @dataclass(frozen=True)
 class ChunkImages:
-    """One Parquet chunk of a samples data set: ``x`` rows of ``shape`` (in [−1, 1])."""
+    """One Parquet chunk of a samples data set: ``x`` rows of ``shape`` (in [−1, 1]), or the
+    ``png`` images decoded from latent samples (``column="png"``)."""
 
     uri: str
     shape: tuple[int, ...]
     limit: int | None = None
+    column: Literal["x", "png"] = "x"
 
     def images(self) -> np.ndarray:
-        """(rows, C, H, W) uint8: the samples quantised as their PNGs are."""
-        table = pq.read_table(io.BytesIO(storage.read_bytes(self.uri)), columns=["x"])
+        """(rows, C, H, W) uint8: the samples as their PNGs hold them (for latent samples, the
+        decoded images)."""
+        table = pq.read_table(io.BytesIO(storage.read_bytes(self.uri)), columns=[self.column])
         if self.limit is not None:
             table = table.slice(0, self.limit)
+        if self.column == "png":
+            return decode_pngs(self.uri, table.column("png").to_pylist(), self.shape)
         flat = table.column("x").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return images.to_uint8(flat.reshape(len(table), *self.shape), "minus1_1")
+
+
+def decode_pngs(uri: str, data: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """PNG bytes of (C, H, W) images → (B, C, H, W) uint8."""
+    mode = "L" if shape[0] == 1 else "RGB"
+    pixels = [images.decode_image(b, f"{uri} (row {r})", mode) for r, b in enumerate(data)]
+    x = images.to_nchw(np.stack(pixels), "nhwc")
+    if x.shape[1:] != tuple(shape):
+        raise DpmotError(f"{uri}: PNG images of shape {list(x.shape[1:])}, manifest {list(shape)}")
+    return x
 
 
 @dataclass(frozen=True)
@@ -248,7 +265,8 @@ def _ray_features(cfg: EvalConfig, tasks: list) -> list[np.ndarray]:
 def chunk_tasks(uri: str, max_samples: int | None = None) -> list[ChunkImages]:
     """One task per chunk of a samples data set (the first ``max_samples`` rows)."""
     m = datasets.read_samples_manifest(uri)
-    shape = tuple(m["data_shape"])
+    decoded = bool(m.get("image_shape"))
+    shape = tuple(m["image_shape"] if decoded else m["data_shape"])
     if not (len(shape) == 3 and shape[0] in (1, 3)):
         raise DpmotError(f"{uri}: FID needs image samples (C, H, W), got data shape {list(shape)}")
     tasks, left = [], max_samples if max_samples is not None else m["num"]
@@ -256,7 +274,8 @@ def chunk_tasks(uri: str, max_samples: int | None = None) -> list[ChunkImages]:
         if left <= 0:
             break
         take = min(left, m["chunk"])
-        tasks.append(ChunkImages(storage.join(uri, name), shape, take))
+        column = "png" if decoded else "x"
+        tasks.append(ChunkImages(storage.join(uri, name), shape, take, column))
         left -= take
     return tasks
 
@@ -386,7 +405,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     needs_points = cfg.classifier or cfg.targets or cfg.gmm
     x = read_points(cfg.samples, cfg.max_samples) if needs_points else None
     if cfg.classifier:
-        report["classifier_mixture"] = classifier_report(cfg, x, tuple(manifest["data_shape"]))
+        report.update(classifier_report(cfg, *classifier_inputs(cfg, manifest, x)))
     mixture = None
     if cfg.gmm:
         from dpmot_dist.diffusion.models import GaussianMixture
@@ -418,8 +437,28 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def classifier_report(cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...]) -> dict:
-    """Classifier mode-mixture rates per threshold."""
+def classifier_inputs(
+    cfg: EvalConfig, manifest: dict, x: np.ndarray
+) -> tuple[np.ndarray, tuple[int, ...], np.ndarray | None]:
+    """What the classifier sees (decoded images of latent samples, else x), its per-row shape
+    and the samples' labels (None when unlabelled)."""
+    labels = None
+    if "label" in manifest.get("columns", []):
+        _, table = datasets.read_samples(cfg.samples)
+        labels = table.column("label").to_numpy()[: len(x)]
+    if not manifest.get("image_shape"):
+        return x, tuple(manifest["data_shape"]), labels
+    tasks = chunk_tasks(cfg.samples, cfg.max_samples)
+    pixels = np.concatenate([t.images() for t in tasks])  # uint8, as their PNGs hold them
+    decoded = images.scale_pixels(pixels, "minus1_1")  # in the data's range [−1, 1], as x is
+    return decoded.reshape(len(decoded), -1), tuple(manifest["image_shape"]), labels
+
+
+def classifier_report(
+    cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...], labels: np.ndarray | None = None
+) -> dict:
+    """Classifier mode-mixture rates per threshold (``classifier_mixture``) and, given the
+    samples' labels, their label fidelity."""
     device = torch.device(resolve_device(cfg.device))
     model = load_classifier(cfg.classifier, device)
     xs = torch.from_numpy(np.array(x.reshape(len(x), *shape))).to(device)
@@ -435,7 +474,10 @@ def classifier_report(cfg: EvalConfig, x: np.ndarray, shape: tuple[int, ...]) ->
     if probs.ndim != 2:
         raise DpmotError(f"{cfg.classifier}: expected (B, classes) output, got {probs.shape}")
     thresholds = tuple(cfg.thresholds or metrics.THRESHOLDS)
-    return metrics.classifier_mixture(probs, thresholds)
+    report = {"classifier_mixture": metrics.classifier_mixture(probs, thresholds)}
+    if labels is not None:
+        report.update(metrics.label_fidelity(probs, labels))
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -443,7 +485,8 @@ def format_report(report: dict) -> str:
     lines = []
     for k, v in report.items():
         if isinstance(v, dict):
-            v = ", ".join(f"t={t}: {r:.2%}" for t, r in v.items())
+            name = "t=" if k == "classifier_mixture" else "class "
+            v = ", ".join(f"{name}{t}: {r:.2%}" for t, r in v.items())
         elif isinstance(v, float):
             v = f"{v:.6g}"
         lines.append(f"{k:>24}: {v}")

@@ -12,6 +12,8 @@ definition of each number.
   q-quantile (q = 1%) of the same distance for fresh draws of the data distribution.
 - Classifier mode mixture (the DPM-OT paper's measure): a sample is mixed at threshold t when
   two or more classes get probability ≥ t.
+- Label fidelity of class-conditional samples: the fraction the classifier assigns to their
+  own label.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,6 +234,14 @@ def classifier_mixture(
     """For each t: the fraction of rows of class probabilities (B, K) with ≥ 2 entries ≥ t."""
     p = np.asarray(probs, np.float64)
     return {f"{t:g}": float(((p >= t).sum(1) >= 2).mean()) for t in thresholds}
+
+
+def label_fidelity(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The fraction of samples the classifier assigns to their own label, argmax_k p_k = y,
+    overall and per class (keys: the labels present)."""
+    hit = np.asarray(probs).argmax(1) == np.asarray(labels)
+    per = {str(c): float(hit[labels == c].mean()) for c in np.unique(labels)}
+    return {"label_fidelity": float(hit.mean()), "label_fidelity_per_class": per}
 
 
 def classifier_probabilities(

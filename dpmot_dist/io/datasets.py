@@ -12,11 +12,13 @@ temporary files), which those readers skip (the Hadoop/Spark/Arrow convention)::
       ...                          ...                           _SUCCESS
       _SUCCESS                     _SUCCESS
 
-A targets part holds ``index: int64`` (global row number) and ``y:
-fixed_size_list<float>[dim]``; ``_manifest.json`` says kind="targets", version=1, n, dim,
-shape, dtype and the parts. ``_SUCCESS`` is written last: the data set is complete. Folders
-written by the earlier layout (``manifest.json``, ``plan.parquet``, ``checkpoints/``) still
-open: :func:`find_aux` looks for the current name first, then the legacy one.
+A targets part holds ``index: int64`` (global row number), ``y:
+fixed_size_list<float>[dim]`` and, for labelled data, ``label: int64`` (the class of the data
+point the row was diffused from); ``_manifest.json`` says kind="targets", version=1, n, dim,
+shape, dtype and the parts (and ``labels``: number of classes, counts, class names).
+``_SUCCESS`` is written last: the data set is complete. Folders written by the earlier layout
+(``manifest.json``, ``plan.parquet``, ``checkpoints/``) still open: :func:`find_aux` looks for
+the current name first, then the legacy one.
 """
 
 from __future__ import annotations
@@ -137,24 +139,27 @@ def write_targets_part(
     start: int,
     y_block: np.ndarray,
     dtype: str = "float32",
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write rows ``start .. start + len(y_block)`` as one Parquet part; return its manifest entry.
 
-    Columns: ``index`` (int64, global row number) and ``y`` (fixed_size_list<dtype>[D]). Parts
-    can be written in parallel (e.g. by Ray tasks); the driver then calls
-    :func:`write_targets_manifest` with the returned entries.
+    Columns: ``index`` (int64, global row number), ``y`` (fixed_size_list<dtype>[D]) and,
+    given ``labels`` (one per row), ``label`` (int64). Parts can be written in parallel (e.g.
+    by Ray tasks); the driver then calls :func:`write_targets_manifest` with the entries.
     """
     uri = os.fspath(folder_uri)
     _check_dtype(uri, dtype)
     block = _rows_2d(uri, np.asarray(y_block))
     rows, dim = block.shape
     values = pa.array(np.ascontiguousarray(block, dtype=dtype).ravel())
-    table = pa.table(
-        {
-            "index": pa.array(np.arange(start, start + rows, dtype=np.int64)),
-            "y": pa.FixedSizeListArray.from_arrays(values, dim),
-        }
-    )
+    columns = {
+        "index": pa.array(np.arange(start, start + rows, dtype=np.int64)),
+        "y": pa.FixedSizeListArray.from_arrays(values, dim),
+    }
+    if labels is not None:
+        assert len(labels) == rows, (len(labels), rows)
+        columns["label"] = pa.array(np.asarray(labels, np.int64))
+    table = pa.table(columns)
     sink = pa.BufferOutputStream()
     group_rows = max(1, _GROUP_BYTES // (dim * np.dtype(dtype).itemsize))
     pq.write_table(table, sink, row_group_size=group_rows, use_dictionary=False)
@@ -208,12 +213,15 @@ def write_targets(
     dtype: str = "float32",
     shape: Sequence[int] | None = None,
     extra: dict[str, Any] | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write targets ``y`` (N, *shape) as a data set: parts, manifest, ``_SUCCESS``.
 
     ``shape`` is the per-row data shape recorded in the manifest (default ``y.shape[1:]``);
     rows are stored flattened to D = prod(shape). ``rows_per_part`` defaults to ~128 MiB parts.
-    Any stale ``_SUCCESS`` is removed first, so a crash leaves the folder marked incomplete.
+    ``labels`` (N,) non-negative integers become the ``label`` column (and ``labels`` in the
+    manifest). Any stale ``_SUCCESS`` is removed first, so a crash leaves the folder marked
+    incomplete.
     """
     uri = os.fspath(folder_uri)
     _check_dtype(uri, dtype)
@@ -224,13 +232,35 @@ def write_targets(
     step = _default_rows_per_part(dim, dtype) if rows_per_part is None else rows_per_part
     if step < 1:
         raise DpmotError(f"{uri}: rows_per_part must be at least 1, got {step}")
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != (n,) or (labels < 0).any():
+            raise DpmotError(f"{uri}: labels must be {n} non-negative integers")
+        extra = {**(extra or {}), "labels": label_summary(labels)}
     fs, path = url_to_fs(uri)
     remove_quietly(fs, f"{path}/{SUCCESS}")
     parts = [
-        write_targets_part(uri, k, start, rows[start : start + step], dtype)
+        write_targets_part(
+            uri,
+            k,
+            start,
+            rows[start : start + step],
+            dtype,
+            None if labels is None else labels[start : start + step],
+        )
         for k, start in enumerate(range(0, n, step))
     ]
     return write_targets_manifest(uri, parts, dim, dtype, shape, extra)
+
+
+def label_summary(labels: np.ndarray, classes: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest's ``labels``: number of classes, per-class counts (and class names)."""
+    num_classes = len(classes) or int(labels.max()) + 1
+    summary: dict[str, Any] = {"num_classes": num_classes}
+    if classes:
+        summary["classes"] = list(classes)
+    summary["counts"] = np.bincount(labels, minlength=num_classes).tolist()
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +419,8 @@ def _load_npy_rows(uri: str, start: int, stop: int | None) -> np.ndarray:
 
 
 def _check_part_schema(part_uri: str, schema: pa.Schema, dim: int) -> None:
-    """A part must hold ``index: int64`` and ``y: fixed_size_list<float32|float16>[dim]``."""
+    """A part must hold ``index: int64`` and ``y: fixed_size_list<float32|float16>[dim]``
+    (and, when labelled, ``label: int64``)."""
     names = set(schema.names)
     y_type = schema.field("y").type if "y" in names else pa.null()
     ok = (
@@ -398,6 +429,7 @@ def _check_part_schema(part_uri: str, schema: pa.Schema, dim: int) -> None:
         and pa.types.is_fixed_size_list(y_type)
         and y_type.list_size == dim
         and y_type.value_type in TARGET_DTYPES.values()
+        and ("label" not in names or schema.field("label").type == pa.int64())
     )
     if not ok:
         found = ", ".join(f"{f.name}:{f.type}" for f in schema)
@@ -485,6 +517,46 @@ def load_targets(uri: Uri, start: int = 0, stop: int | None = None) -> np.ndarra
     rows = load(uri, start, stop)
     _check_finite(uri, rows, start)
     return rows
+
+
+def load_target_labels(uri: Uri, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """The ``label`` (rows,) int64 of targets rows ``[start, stop)``; None for unlabelled
+    targets (a data set without ``labels`` in its manifest, or a ``.npy``)."""
+    uri = os.fspath(uri).rstrip("/")
+    if _is_npy(uri):
+        return None
+    m = read_targets_manifest(uri)
+    if not m.get("labels"):
+        return None
+    start, stop = _row_range(uri, m["n"], start, stop)
+    out = np.empty(stop - start, np.int64)
+    for entry in m["parts"]:
+        part = _Part(entry["path"], entry["start"], entry["rows"])
+        lo, hi = max(start, part.start), min(stop, part.start + part.rows)
+        if lo < hi:
+            out[lo - start : hi - start] = _read_part_labels(join(uri, part.path), part, lo, hi)
+    return out
+
+
+def _read_part_labels(part_uri: str, part: _Part, lo: int, hi: int) -> np.ndarray:
+    """The ``label`` column of global rows ``[lo, hi)`` of one part."""
+    fs, path = url_to_fs(part_uri)
+    with storage_errors(part_uri), fs.open(path, "rb") as raw:
+        f = WatchedFile(raw)
+        try:
+            pf = pq.ParquetFile(f)
+            if "label" not in pf.schema_arrow.names:
+                raise DpmotError(f"{part_uri}: no label column, the manifest has labels")
+            groups, first = _row_groups(pf.metadata, lo - part.start, hi - part.start)
+            table = pf.read_row_groups(groups, columns=["label"])
+        except (pa.ArrowException, OSError) as e:
+            if e is f.error:
+                raise
+            raise corrupt_error(part_uri, "Parquet", e) from e
+    col = table.slice(lo - part.start - first, hi - lo).column("label")
+    if col.null_count or col.type != pa.int64():
+        raise DpmotError(f"{part_uri}: label column must be int64 without nulls; rerun prepare")
+    return col.to_numpy()
 
 
 def targets_shape(uri: Uri) -> tuple[int, int]:

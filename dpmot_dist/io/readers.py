@@ -28,6 +28,11 @@ the first colour image: for a colour data set that is its first file or so; an a
 set has every header read once by the driver (the bytes of a Parquet column, the first
 16 KiB of each file of a folder, fetched concurrently), which ``mode`` L or RGB skips.
 Every error is a one-line :class:`DpmotError` naming the object (file, or file and row).
+
+Class labels (:func:`read_labels`, read on the driver: N integers): the class subfolders of an
+image folder (torchvision's ``ImageFolder`` layout: sorted class names → ids 0..C−1), an
+integer Parquet column (``label`` by default, as Hugging Face ``datasets`` writes a
+``ClassLabel``), or an ``.npz`` member ``y`` or ``labels``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ _NPY_HEAD_BYTES = 1 << 17
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _IMAGE_HEAD_BYTES = 1 << 14  # enough for PNG/JPEG headers (longer ones: the whole file)
 _MODE_BATCH = 64  # headers fetched at once while deciding a data set's colour mode
+LABEL_COLUMN = "label"  # the default Parquet label column
+LABEL_MEMBERS = ("y", "labels")  # the .npz members read as labels, in this order
 
 
 @dataclass(frozen=True)
@@ -285,13 +292,16 @@ class NpzSource(Source):
 
 
 def _pick_member(uri: str, names: list[str], column: str | None) -> str:
-    """The archive member to read: ``column``, or the only one."""
+    """The archive member to read: ``column``, or the only one (besides labels)."""
     if not names:
         raise DpmotError(f"{uri}: empty source (the archive holds no arrays)")
     if column is not None:
         if column not in names:
             raise DpmotError(f"{uri}: no array named {column!r} (found {', '.join(names)})")
         return column
+    data = [n for n in names if n not in LABEL_MEMBERS]
+    if len(data) == 1:
+        return data[0]
     if len(names) > 1:
         raise DpmotError(f"{uri}: holds several arrays ({', '.join(names)}); set column")
     return names[0]
@@ -757,3 +767,120 @@ def _shape_hint(uri: str) -> list[int] | None:
     if isinstance(shape, list) and all(isinstance(s, int) for s in shape):
         return shape
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Class labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One class id per source row: ``values`` (n,) int64 ≥ 0, and where they come from.
+
+    ``classes`` names the ids of an image folder's class subfolders (id = position).
+    """
+
+    values: np.ndarray
+    origin: str  # "folder", "column NAME" or "array NAME"
+    classes: tuple[str, ...] = ()
+
+    def describe(self, copies: int = 1) -> dict[str, Any]:
+        """The targets manifest's ``labels`` (each row written ``copies`` times)."""
+        targets = np.repeat(self.values, copies)
+        return {"origin": self.origin, **datasets.label_summary(targets, self.classes)}
+
+
+def read_labels(source: Source, column: str | None = None) -> Labels | None:
+    """The class labels of ``source``'s rows, or None when it has none.
+
+    ``column`` names the Parquet column or ``.npz`` member (default: ``label``; ``y`` or
+    ``labels``); a named one must exist. Image folders take their class subfolders. Missing,
+    non-integer and negative labels are one-line errors naming the file (and row).
+    """
+    if isinstance(source, ImageFolderSource) and column is None:
+        return _folder_labels(source)
+    if isinstance(source, ParquetSource):
+        return _column_labels(source, column)
+    if isinstance(source, NpzSource):
+        return _array_labels(source, column)
+    if column is not None:
+        raise DpmotError(f"{source.uri}: a {source.kind} source has no label column {column!r}")
+    return None
+
+
+def check_labels(obj: str, values: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """``values`` as int64 class ids; missing (NaN), non-integer or negative ones are errors."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise DpmotError(f"{obj}: labels must be integers, got {values.dtype}")
+    problems = ()
+    if values.dtype.kind == "f":
+        problems = ((np.isnan(values), "missing"), (values != np.round(values), "not an integer"))
+    for bad, what in (*problems, (values < 0, "negative")):
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise DpmotError(f"{obj} (row {first_row + r}): label {values[r]} is {what}")
+    return values.astype(np.int64)
+
+
+def _folder_labels(source: ImageFolderSource) -> Labels | None:
+    """Ids of the first-level subfolders holding each image; None when all lie in the root."""
+    fs, root = storage.url_to_fs(source.root)
+    root = root.rstrip("/")
+    parts = [p[len(root) + 1 :].split("/") for p in source.files]
+    if all(len(q) == 1 for q in parts):
+        return None
+    loose = next((p for p, q in zip(source.files, parts, strict=True) if len(q) == 1), None)
+    if loose is not None:
+        raise DpmotError(
+            f"{_uri_of(fs, loose)}: not in a class subfolder, while other images are (an "
+            "image folder with classes keeps every image in one; label_column none ignores them)"
+        )
+    classes = tuple(sorted({q[0] for q in parts}))
+    ids = {c: i for i, c in enumerate(classes)}
+    return Labels(np.array([ids[q[0]] for q in parts], np.int64), "folder", classes)
+
+
+def _column_labels(source: ParquetSource, column: str | None) -> Labels | None:
+    """The integer column ``column`` (default ``label``) of every file, in row order."""
+    name = column or LABEL_COLUMN
+    out = []
+    for part in source.files:
+        schema = _parquet_metadata(part.uri).schema.to_arrow_schema()
+        if name not in schema.names:
+            if column is None and not out:
+                return None
+            found = ", ".join(schema.names)
+            raise DpmotError(f"{part.uri}: no label column {name!r} (found {found})")
+        with _parquet_file(part.uri) as pf:
+            col = pf.read(columns=[name]).column(name).combine_chunks()
+        if col.null_count:
+            r = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+            raise DpmotError(f"{part.uri} (row {r}): label is missing")
+        t = col.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            raise DpmotError(f"{part.uri}: label column {name!r} is {t}, not integers")
+        out.append(check_labels(part.uri, col.to_numpy(zero_copy_only=False)))
+    return Labels(np.concatenate(out), f"column {name}")
+
+
+def _array_labels(source: NpzSource, column: str | None) -> Labels | None:
+    """The archive member ``column`` (default ``y``, else ``labels``): one label per row."""
+    with _open_zip(source.uri) as zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        if column is not None and column not in names:
+            raise DpmotError(f"{source.uri}: no label array {column!r} (found {', '.join(names)})")
+        found = [n for n in LABEL_MEMBERS if n in names and n != source.member]
+        name = column or (found[0] if found else None)
+        if name is None:
+            return None
+        with zf.open(name + ".npy") as f:
+            values = np.lib.format.read_array(f, allow_pickle=False)
+    obj = f"{source.uri}[{name}]"
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise DpmotError(f"{obj}: labels must be one integer per row, got shape {values.shape}")
+    if len(values) != source.n:
+        raise DpmotError(f"{obj}: {len(values)} labels for {source.n} rows (missing for some rows)")
+    return Labels(check_labels(obj, values), f"array {name}")

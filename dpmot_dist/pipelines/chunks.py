@@ -2,10 +2,17 @@
 
 A worker (:class:`ChunkWriter`: a Ray actor that loads the model once, or one in-process
 instance) takes a chunk's sample ids and mapped points x_M, refines them from step M to 0
-(:func:`dpmot_dist.diffusion.samplers.refine`) and writes ``chunk-00000.parquet`` atomically::
+(:func:`dpmot_dist.diffusion.samplers.refine`), decodes latents to images when the run has a
+VAE (:meth:`dpmot_dist.diffusion.vae.VaeSpec.decode`, on the worker's device, in batches) and
+writes ``chunk-00000.parquet`` atomically::
 
-    sample_id: int64, seed: int64, ot_index: int64 (−1 from noise), nfe: int32,
-    x: fixed_size_list<float32>[D] (data shape in the manifest), png: binary (images only)
+    sample_id: int64, seed: int64, ot_index: int64 (−1 from noise), label: int64 (labelled
+    runs: the OT winner's class, or the drawn class of a from-noise sample), nfe: int32,
+    x: fixed_size_list<float32>[D] (data shape in the manifest),
+    png: binary (images only: x itself, or the image decoded from the latent x)
+
+A class-conditional model is called with each sample's label (and classifier-free guidance,
+:class:`~dpmot_dist.diffusion.models.ClassConditioned`).
 
 :func:`run_local` and :func:`run_ray` hand the chunks to the workers; a chunk whose actor dies
 goes back to the queue. Since a sample is a pure function of (seed, sample_id), a chunk
@@ -29,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dpmot_dist.diffusion.models import load_model
+from dpmot_dist.diffusion.models import DTYPES, ClassConditioned, load_model
 from dpmot_dist.diffusion.samplers import (
     STREAM_SAMPLER,
     RowNoise,
@@ -39,6 +46,7 @@ from dpmot_dist.diffusion.samplers import (
     refine,
 )
 from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
 from dpmot_dist.ot.sources import Source
@@ -67,20 +75,34 @@ def png_bytes(x: np.ndarray) -> bytes:
 
 
 def chunk_table(
-    sample_ids: np.ndarray, seed: int, ot_index: np.ndarray, nfe: int, x: np.ndarray, png: bool
+    sample_ids: np.ndarray,
+    seed: int,
+    ot_index: np.ndarray,
+    nfe: int,
+    x: np.ndarray,
+    png: bool,
+    *,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> pa.Table:
-    """One output file's rows; x (B, *shape) float32."""
+    """One output file's rows; x (B, *shape) float32. ``images`` (B, C, H, W), decoded from
+    the latents x, are what the PNG bytes show (x itself otherwise); ``labels`` (B,)."""
     b = len(sample_ids)
     flat = np.ascontiguousarray(x, np.float32).reshape(b, -1)
     cols = {
         "sample_id": pa.array(sample_ids, pa.int64()),
         "seed": pa.array(np.full(b, seed, np.int64)),
         "ot_index": pa.array(ot_index, pa.int64()),
+    }
+    if labels is not None:
+        cols["label"] = pa.array(np.asarray(labels, np.int64))
+    cols |= {
         "nfe": pa.array(np.full(b, nfe, np.int32)),
         "x": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
     }
     if png:
-        cols["png"] = pa.array([png_bytes(xi) for xi in x], pa.binary())
+        shown = x if images is None else images
+        cols["png"] = pa.array([png_bytes(xi) for xi in shown], pa.binary())
     return pa.table(cols)
 
 
@@ -108,6 +130,10 @@ class ChunkJob:
     png: bool
     batch: int
     threads: int | None = None
+    vae: VaeSpec | None = None  # decode the refined latents with it
+    conditional: bool = False  # a TorchScript model takes labels: model(x_t, t, y)
+    guidance: float = 1.0  # classifier-free guidance scale s (1: none)
+    null_class: int | None = None  # the null class id of guidance
 
 
 class ChunkWriter:
@@ -122,21 +148,34 @@ class ChunkWriter:
         self.job = job
         self.device = torch.device(resolve_device(job.device))
         self.schedule = Schedule.from_dict(job.schedule)
-        self.model = load_model(job.model, self.schedule, self.device, job.dtype, job.prediction)
+        self.model = load_model(
+            job.model, self.schedule, self.device, job.dtype, job.prediction, job.conditional
+        )
         declared = self.model.data_shape
         if declared is not None and math.prod(declared) != math.prod(job.data_shape):
             raise DpmotError(
                 f"{job.model}: model data shape {list(declared)} does not match the data's "
                 f"{list(job.data_shape)}"
             )
+        if job.vae is not None:
+            job.vae.load(self.device, DTYPES[job.dtype])
 
     def pid(self) -> int:
         return os.getpid()
 
+    def conditioned(self, labels: np.ndarray | None):
+        """The model with a batch's labels bound (itself when it is not class-conditional)."""
+        if not getattr(self.model, "conditional", False):
+            return self.model
+        if labels is None:
+            raise DpmotError(f"{self.job.model}: a class-conditional model needs labels")
+        y = torch.from_numpy(np.asarray(labels, np.int64))
+        return ClassConditioned(self.model, y, self.job.guidance, self.job.null_class)
+
     def generate(
-        self, sample_ids: np.ndarray, x_start: np.ndarray | None
+        self, sample_ids: np.ndarray, x_start: np.ndarray | None, labels: np.ndarray | None = None
     ) -> tuple[np.ndarray, int]:
-        """Refined samples (B, *shape) float32 and the NFE each used."""
+        """Refined samples (B, *shape) float32 and the NFE each used; ``labels`` (B,)."""
         job, out, nfe = self.job, [], 0
         for a in range(0, len(sample_ids), job.batch):
             ids = sample_ids[a : a + job.batch]
@@ -149,7 +188,7 @@ class ChunkWriter:
             noise = RowNoise(job.seed, ids, job.data_shape, STREAM_SAMPLER, self.device)
             x, nfe = refine(
                 job.sampler,
-                self.model,
+                self.conditioned(None if labels is None else labels[a : a + job.batch]),
                 x.to(self.device),
                 job.t_start,
                 noise,
@@ -158,26 +197,43 @@ class ChunkWriter:
             out.append(x.float().cpu().numpy())
         return np.concatenate(out), nfe
 
+    def decode(self, x: np.ndarray) -> np.ndarray | None:
+        """Images (B, C, H, W) float32 decoded from latents x (B, c, h, w); None without a VAE."""
+        if self.job.vae is None:
+            return None
+        z = torch.from_numpy(x)
+        return self.job.vae.decode(z, self.device, DTYPES[self.job.dtype]).cpu().numpy()
+
     def write(
-        self, chunk: int, sample_ids: np.ndarray, ot_index: np.ndarray, x_start: np.ndarray | None
+        self,
+        chunk: int,
+        sample_ids: np.ndarray,
+        ot_index: np.ndarray,
+        x_start: np.ndarray | None,
+        labels: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """Generate chunk ``chunk`` and write it; returns its statistics."""
         t0 = time.perf_counter()
-        x, nfe = self.generate(sample_ids, x_start)
+        x, nfe = self.generate(sample_ids, x_start, labels)
         t1 = time.perf_counter()
         if not np.isfinite(x).all():
             log.warning(
                 "chunk %d: %d non-finite samples", chunk, int((~np.isfinite(x)).any(1).sum())
             )
-        table = chunk_table(sample_ids, self.job.seed, ot_index, nfe, x, self.job.png)
-        write_table_atomic(storage.join(self.job.out, datasets.chunk_name(chunk)), table)
+        images = self.decode(x)
         t2 = time.perf_counter()
+        table = chunk_table(
+            sample_ids, self.job.seed, ot_index, nfe, x, self.job.png, images=images, labels=labels
+        )
+        write_table_atomic(storage.join(self.job.out, datasets.chunk_name(chunk)), table)
+        t3 = time.perf_counter()
         return {
             "chunk": chunk,
             "rows": len(sample_ids),
             "nfe": nfe,
             "t_gen": t1 - t0,
-            "t_write": t2 - t1,
+            "t_decode": 0.0 if images is None else t2 - t1,
+            "t_write": t3 - t2,
         }
 
 
@@ -187,6 +243,7 @@ class ChunkTask:
     sample_ids: np.ndarray
     ot_index: np.ndarray
     x_start: Any  # (B, D) array, a Ray object ref to one, or None (from noise)
+    labels: np.ndarray | None = None  # (B,) class ids of labelled runs
 
 
 class Progress:
@@ -211,7 +268,7 @@ class Progress:
                 self.done,
                 self.total,
                 stats["rows"],
-                stats["t_gen"] + stats["t_write"],
+                stats["t_gen"] + stats["t_decode"] + stats["t_write"],
             )
 
     def close(self) -> None:
@@ -226,7 +283,7 @@ def run_local(job: ChunkJob, tasks: list[ChunkTask]) -> list[dict]:
     worker, progress, stats = ChunkWriter(job), Progress(len(tasks)), []
     try:
         for t in tasks:
-            stats.append(worker.write(t.chunk, t.sample_ids, t.ot_index, t.x_start))
+            stats.append(worker.write(t.chunk, t.sample_ids, t.ot_index, t.x_start, t.labels))
             progress.update(stats[-1])
     finally:
         progress.close()
@@ -268,7 +325,8 @@ def run_ray(
         for a in list(load):
             while load[a] < inflight and pending:
                 t = pending.pop()
-                running[a.write.remote(t.chunk, t.sample_ids, t.ot_index, t.x_start)] = (a, t)
+                ref = a.write.remote(t.chunk, t.sample_ids, t.ot_index, t.x_start, t.labels)
+                running[ref] = (a, t)
                 load[a] += 1
 
     try:

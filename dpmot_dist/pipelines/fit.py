@@ -7,6 +7,10 @@ solver state, written atomically every ``checkpoint_every`` iterations), ``_work
 checkpoint (also from a folder of the earlier layout, ``checkpoints/latest.npz``); since the
 noise of iteration t is a function of (seed, t), an interrupted then resumed fit ends with
 the same h as an uninterrupted one.
+
+``--by-label`` fits one potential per class of labelled targets instead, in parallel
+(:mod:`dpmot_dist.pipelines.label_fit`): ``h.npy`` still holds N values in target order, and
+``_labels.json`` each class's summary.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dpmot_dist.io import datasets, storage
 from dpmot_dist.ot.calibrate import calibrate, candidate_sources
 from dpmot_dist.ot.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
 from dpmot_dist.ot.sources import LATTICE_RANK, Source, default_source
+from dpmot_dist.pipelines.label_fit import LABELS_FILE, run_label_fits
 from dpmot_dist.pipelines.shards import ShardPool, default_shard_memory, shards_for_memory
 from dpmot_dist.runtime import ensure_ray
 
@@ -64,7 +69,7 @@ class FitConfig(Config):
             "device",
             "chunk",
         ),
-        "output": ("out", "resume", "overwrite", "checkpoint_every"),
+        "output": ("out", "by_label", "resume", "overwrite", "checkpoint_every"),
     }
 
     targets: str = Field(description="targets: a .npy (N×D) or a targets data set folder")
@@ -120,6 +125,11 @@ class FitConfig(Config):
     resume: bool = Field(False, description="continue from the output's checkpoint")
     overwrite: bool = Field(False, description="replace an existing output")
     checkpoint_every: int = Field(50, ge=1, description="iterations between checkpoints")
+    by_label: bool = Field(
+        False,
+        description="one potential per label: independent SDOT problems over each class's "
+        "targets, in parallel on the workers",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -217,6 +227,12 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return None
     source = fit_source(cfg, dim)  # bad source options fail before anything is written
+    if cfg.by_label:
+        result, classes = run_label_fits(cfg, source)
+        storage.write_json_atomic(storage.join(cfg.out, LABELS_FILE), {"labels": classes})
+        extra = {"by_label": True, "classes": len(classes), "labels_file": LABELS_FILE}
+        _write_outputs(cfg, result, n, dim, source, extra=extra)
+        return result
     replicas, shards = fit_layout(cfg, n, dim)
     storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
     state = load_state(cfg)
@@ -367,7 +383,13 @@ def checkpoint(out: str, state: SolverState) -> None:
 
 
 def _write_outputs(
-    cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source, calibration: dict
+    cfg: FitConfig,
+    result: SDOTResult,
+    n: int,
+    dim: int,
+    source: Source,
+    calibration: dict | None = None,
+    extra: dict | None = None,
 ) -> None:
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
     write_metrics(cfg.out, result.metrics + evaluation_record(result))
@@ -388,12 +410,13 @@ def _write_outputs(
         "samples": result.samples,
         "converged": result.converged,
         "stop_reason": result.stop_reason,
-        "calibration": calibration,
+        "calibration": calibration or {},
         "evaluation": result.evaluation,
         "config": cfg.model_dump(),
     }
     with_schedule = _targets_schedule(cfg.targets)
     manifest.update(with_schedule)
+    manifest.update(extra or {})
     storage.write_json_atomic(storage.join(cfg.out, datasets.MANIFEST), manifest)
     storage.mark_success(cfg.out)
 

@@ -35,6 +35,7 @@ from dpmot_dist.ot.sources import Source
 log = logging.getLogger(__name__)
 
 MapKind = Literal["copy", "interp"]
+MASKED = -1e30  # h of the targets a sample may not map to (below every score ⟨x, y⟩ + h)
 _GATHER_BYTES = 64 << 20  # largest contiguous span of target rows read at once
 
 
@@ -66,6 +67,10 @@ class MapPlan:
             np.concatenate([p.partner for p in plans]),
             np.concatenate([p.weight for p in plans]),
         )
+
+    def take(self, order: np.ndarray) -> MapPlan:
+        """The plan of the samples ``order`` (indices into this plan), in that order."""
+        return MapPlan(self.ot_index[order], self.partner[order], self.weight[order])
 
     def needed(self) -> np.ndarray:
         """Sorted unique target indices the plan reads."""
@@ -154,11 +159,14 @@ def plan_map(
     source: Source | None = None,
     targets_uri: str | None = None,
     batch: int = 4096,
+    cells: np.ndarray | None = None,
 ) -> tuple[MapPlan, TargetRows | None]:
     """Map the prior noise of ``sample_ids`` through g (``copy`` or ``interp``).
 
     ``interp`` reads the top-k candidates' rows from ``targets_uri`` to compare normals and
-    returns them too (a superset of the rows :func:`mapped_points` needs).
+    returns them too (a superset of the rows :func:`mapped_points` needs). ``cells`` (N,)
+    bool: the targets the map may reach (h is :data:`MASKED` on the others), so that no
+    interp partner is taken from outside them.
     """
     source = source or Source()
     sample_ids = np.asarray(sample_ids, np.int64)
@@ -173,10 +181,12 @@ def plan_map(
         return MapPlan(top[:, 0].copy(), none, np.zeros(len(top), np.float32)), None
     if targets_uri is None:
         raise ValueError("the interp map needs targets_uri to read the candidates' rows")
-    rows = TargetRows.gather(targets_uri, top.ravel())
-    cos = normal_cosines(rows.take(top[:, 0]), rows.take(top[:, 1:]))
+    neighbours = top[:, 1:] if cells is None else np.where(cells[top[:, 1:]], top[:, 1:], -1)
+    reachable = np.where(neighbours >= 0, neighbours, top[:, :1])
+    rows = TargetRows.gather(targets_uri, np.concatenate([top[:, 0], reachable.ravel()]))
+    cos = normal_cosines(rows.take(top[:, 0]), rows.take(reachable))
     u = uniforms(seed, STREAM_MAP, sample_ids, 2)
-    partner, weight = choose_partners(cos, top[:, 1:], angle, u[:, 0], u[:, 1], w_max)
+    partner, weight = choose_partners(cos, neighbours, angle, u[:, 0], u[:, 1], w_max)
     return MapPlan(top[:, 0].copy(), partner, weight), rows
 
 

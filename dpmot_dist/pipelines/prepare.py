@@ -37,6 +37,12 @@ VAE latents: with ``vae=DIR`` (a diffusers ``AutoencoderKL`` folder, or a pipeli
 a ``vae/`` subfolder; any fsspec URI) images are scaled to the model range first (use
 ``scale`` ``minus1_1``/``auto`` for [−1, 1]) and x_0 = scaling_factor · (E[q(z|x)] −
 shift_factor): the posterior *mean*, so that latents are deterministic.
+
+Labels: when the input has class labels (:func:`dpmot_dist.io.readers.read_labels`: class
+subfolders of an image folder, a Parquet ``label`` column, an ``.npz`` member ``y`` or
+``labels``) the driver reads and checks them before writing anything, and every target row
+keeps the label of the data point it was diffused from (``label`` column; ``labels`` in the
+manifest: number of classes, per-class counts, class names).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from dpmot_dist.diffusion.schedules import Schedule, ScheduleKind
 from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, images, storage
-from dpmot_dist.io.readers import Block, Source, open_source
+from dpmot_dist.io.readers import Block, Labels, Source, open_source, read_labels
 from dpmot_dist.ot.sources import stream_seed
 from dpmot_dist.runtime import ensure_ray, remote_error
 
@@ -81,6 +87,7 @@ class PrepareConfig(Config):
         "data": (
             "data",
             "column",
+            "label_column",
             "scale",
             "layout",
             "mode",
@@ -107,7 +114,9 @@ class PrepareConfig(Config):
         description="input URI: .npy/.npz, a Parquet file or folder, or a folder of PNG/JPEG"
     )
     out: str = Field(description="output targets data set folder URI")
-    schedule: ScheduleKind = Field("vp-linear", description="vp-linear, vp-cosine or ve")
+    schedule: ScheduleKind = Field(
+        "vp-linear", description="vp-linear, vp-scaled-linear, vp-cosine or ve"
+    )
     step: int = Field(ge=0, description="diffusion step M (diffusers timestep): targets are x_M")
     copies: int = Field(1, ge=1, description="independent noise draws per data point")
     seed: int = Field(0, description="noise seed; ε of row i, copy c uses stream (seed, i, c)")
@@ -144,6 +153,11 @@ class PrepareConfig(Config):
         None, ge=1, description="resize images: shorter side to this size, centre crop"
     )
     column: str | None = Field(None, description="Parquet column or .npz member to read")
+    label_column: str | None = Field(
+        None,
+        description="Parquet column or .npz member of class labels (default: label; y or "
+        "labels; an image folder's class subfolders); none: no labels",
+    )
 
     @model_validator(mode="after")
     def _step_in_schedule(self) -> PrepareConfig:
@@ -233,10 +247,21 @@ def _check_finite(block: Block, rows: np.ndarray) -> None:
         raise DpmotError(f"{block.obj}: contains NaN or Inf values (first at row {r})")
 
 
-def prepare_block(source: Source, t: Transform, out: str, part_no: int, block: Block) -> dict:
-    """Read, transform and diffuse one block; write it as part ``part_no``; return its entry."""
+def prepare_block(
+    source: Source,
+    t: Transform,
+    out: str,
+    part_no: int,
+    block: Block,
+    labels: np.ndarray | None = None,
+) -> dict:
+    """Read, transform and diffuse one block; write it as part ``part_no``; return its entry.
+
+    ``labels`` (block.rows,) are the block's class ids; each copy of a row keeps its label.
+    """
     y = t.diffuse(t.x0(source.read(block), block), block.start)
-    return datasets.write_targets_part(out, part_no, block.start * t.copies, y, t.dtype)
+    copies = None if labels is None else np.repeat(labels, t.copies)
+    return datasets.write_targets_part(out, part_no, block.start * t.copies, y, t.dtype, copies)
 
 
 def make_transform(cfg: PrepareConfig, source: Source) -> Transform:
@@ -373,7 +398,9 @@ def _part_rows(uri: str) -> int | None:
         return None
 
 
-def _manifest_extra(cfg: PrepareConfig, source: Source, t: Transform) -> dict[str, Any]:
+def _manifest_extra(
+    cfg: PrepareConfig, source: Source, t: Transform, labels: Labels | None
+) -> dict[str, Any]:
     a, s = t.schedule.marginal(t.step)
     return {
         "schedule": t.schedule.to_dict(),
@@ -389,6 +416,7 @@ def _manifest_extra(cfg: PrepareConfig, source: Source, t: Transform) -> dict[st
         "seed": t.seed,
         "source": source.describe(),
         "vae": None if t.vae is None else t.vae.describe(),
+        "labels": None if labels is None else labels.describe(t.copies),
         "dpmot_version": __version__,
         "config": cfg.model_dump(mode="json"),
     }
@@ -399,13 +427,22 @@ def _manifest_extra(cfg: PrepareConfig, source: Source, t: Transform) -> dict[st
 
 
 def _run_blocks(
-    cfg: PrepareConfig, source: Source, t: Transform, todo: list[tuple[int, Block]]
+    cfg: PrepareConfig,
+    source: Source,
+    t: Transform,
+    todo: list[tuple[int, Block]],
+    labels: Labels | None = None,
 ) -> Iterator[dict]:
     """Part entries of ``todo``, in completion order (in process, or Ray tasks)."""
     lite = source.worker_view()
+
+    def labelled(b: Block) -> tuple[np.ndarray, ...]:
+        """The block's labels as the optional last argument of :func:`prepare_block`."""
+        return () if labels is None else (labels.values[b.start : b.stop],)
+
     if cfg.workers == 0:
         for k, block in todo:
-            yield prepare_block(lite, t, cfg.out, k, block)
+            yield prepare_block(lite, t, cfg.out, k, block, *labelled(block))
         return
     import ray
 
@@ -418,7 +455,8 @@ def _run_blocks(
     try:
         while True:
             for k, block in _take(queue, workers - len(pending)):
-                pending[task.remote(source_ref, t_ref, cfg.out, k, block)] = k
+                ref = task.remote(source_ref, t_ref, cfg.out, k, block, *labelled(block))
+                pending[ref] = k
             if not pending:
                 return
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -477,6 +515,10 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     source = open_source(cfg.data, cfg.column, cfg.image_size, cfg.mode)
     t = make_transform(cfg, source)
+    no_labels = (cfg.label_column or "").lower() == "none"
+    labels = None if no_labels else read_labels(source, cfg.label_column)
+    if labels is not None:
+        logger.info("labels: %s, %d classes", labels.origin, labels.describe()["num_classes"])
     part_rows = cfg.rows_per_part or max(1, _PART_BYTES // (t.dim * np.dtype(cfg.dtype).itemsize))
     blocks = source.blocks(max(1, part_rows // cfg.copies))
     done = _open_output(cfg, _plan_record(cfg, source, blocks), blocks)
@@ -495,13 +537,13 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     entries = list(done.values())
     progress = _Progress(len(blocks), len(done))
     try:
-        for entry in _run_blocks(cfg, source, t, todo):
+        for entry in _run_blocks(cfg, source, t, todo, labels):
             entries.append(entry)
             progress.update(entry)
     finally:
         progress.close()
     manifest = datasets.write_targets_manifest(
-        cfg.out, entries, t.dim, cfg.dtype, t.data_shape, _manifest_extra(cfg, source, t)
+        cfg.out, entries, t.dim, cfg.dtype, t.data_shape, _manifest_extra(cfg, source, t, labels)
     )
     logger.info(
         "wrote %s: %d targets × %d in %.1f s",

@@ -12,6 +12,18 @@ A sample is a pure function of (seed, sample_id): a rerun writes only the missin
 duplicates, no gaps), and a rerun of a finished run writes nothing. ``_manifest.json`` and
 ``_SUCCESS`` come last. ``--from-noise`` skips the map and starts from N(0, s_{T−1}² I): the
 DDIM / DPM-Solver++ baselines through the same code path and layout.
+
+Labelled targets: every sample carries the label y_{i*} of its OT winner i* (a from-noise
+baseline draws it from the targets' label histogram, stream (seed, sample_id)), and a
+class-conditional model is called with it (``--guidance-scale``: classifier-free guidance).
+With a potential of ``fit --by-label`` each sample's class comes first (``--labels 3,7``:
+drawn among those by the histogram; ``--per-label K``: K of each), then its noise is mapped
+into that class's cells only: i* = argmax over I_c of ⟨x, y_i⟩ + h_i.
+
+Latent targets (``prepare --vae``) are decoded to images by the same AutoencoderKL in the
+workers (``--vae`` names another one, ``--vae none`` keeps only the latents): ``x`` holds the
+refined latent and ``png`` the decoded image, whose shape the manifest gives as
+``image_shape``.
 """
 
 from __future__ import annotations
@@ -31,11 +43,16 @@ from pydantic import Field, field_validator, model_validator
 
 from dpmot_dist import __version__
 from dpmot_dist.config import Config
-from dpmot_dist.diffusion.models import load_model, parse_spec
-from dpmot_dist.diffusion.samplers import (
-    SamplerSpec,
+from dpmot_dist.diffusion.models import (
+    ModelClasses,
+    load_model,
+    parse_spec,
+    pipeline_schedule,
+    pipeline_vae,
 )
+from dpmot_dist.diffusion.samplers import SamplerSpec
 from dpmot_dist.diffusion.schedules import Schedule
+from dpmot_dist.diffusion.vae import VaeSpec
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
 from dpmot_dist.ot.sources import Source
@@ -48,6 +65,13 @@ from dpmot_dist.pipelines.chunks import (
     run_ray,
     write_table_atomic,
 )
+from dpmot_dist.pipelines.classes import (
+    classes_first,
+    label_groups,
+    plan_labels,
+    resolve_classes,
+    resolve_num,
+)
 from dpmot_dist.pipelines.ot_map import MapPlan, TargetRows, mapped_points, plan_map
 from dpmot_dist.runtime import ensure_ray
 
@@ -56,7 +80,7 @@ log = logging.getLogger(__name__)
 # Options that do not change a single output value (where and how fast it runs).
 _RUNTIME_OPTIONS = frozenset(
     {"out", "workers", "cpus_per_worker", "device", "overwrite", "backend", "storage_dtype"}
-    | {"batch", "map_batch"}
+    | {"batch", "map_batch", "vae_batch_size"}
 )
 
 
@@ -65,7 +89,17 @@ class SampleConfig(Config):
 
     GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "data": ("targets", "potential", "schedule", "step", "shape"),
-        "map": ("map", "k", "angle", "interp_max", "seed", "num", "from_noise"),
+        "map": (
+            "map",
+            "k",
+            "angle",
+            "interp_max",
+            "seed",
+            "num",
+            "labels",
+            "per_label",
+            "from_noise",
+        ),
         "model": (
             "model",
             "sampler",
@@ -75,6 +109,11 @@ class SampleConfig(Config):
             "langevin_lr",
             "dtype",
             "prediction",
+            "vae",
+            "vae_batch_size",
+            "conditional",
+            "guidance_scale",
+            "null_class",
         ),
         "cluster": (
             "workers",
@@ -91,7 +130,11 @@ class SampleConfig(Config):
     targets: str | None = Field(None, description="targets data set (schedule, step, shape)")
     potential: str | None = Field(None, description="fit output folder (h.npy) or an h .npy")
     model: str = Field(description="gmm:FILE, diffusers:DIR or torchscript:FILE")
-    num: int = Field(ge=1, description="number of samples")
+    num: int | None = Field(
+        None,
+        ge=1,
+        description="number of samples (default: none, required; K × classes with --per-label K)",
+    )
     out: str = Field(description="output folder URI")
     map: Literal["copy", "interp"] = Field("copy", description="OT map: copy or interp")
     k: int = Field(8, ge=2, description="interp: top-k cells searched")
@@ -103,7 +146,11 @@ class SampleConfig(Config):
     langevin_steps: int = Field(1, ge=1, description="Langevin steps per noise level")
     langevin_lr: float = Field(0.5, gt=0, description="Langevin step α_t / s_t²")
     from_noise: bool = Field(False, description="baseline: start from pure noise, no map")
-    schedule: str | dict | None = Field(None, description="vp-linear, vp-cosine, ve or JSON")
+    schedule: str | dict | None = Field(
+        None,
+        description="vp-linear, vp-scaled-linear, vp-cosine, ve or JSON (default: the targets', "
+        "else the diffusers pipeline's scheduler)",
+    )
     step: int | None = Field(None, ge=0, description="step M of the targets (from manifest)")
     shape: list[int] | None = Field(None, description="data shape, e.g. 3,32,32")
     seed: int = 0
@@ -118,20 +165,53 @@ class SampleConfig(Config):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model dtype")
     prediction: Literal["auto", "eps", "v", "x0"] = Field("auto", description="model output")
     png: Literal["auto", "never"] = Field("auto", description="PNG bytes for image data")
+    vae: str | None = Field(
+        None,
+        description="AutoencoderKL folder that decodes latent samples to images (default: the "
+        "VAE prepare encoded the targets with; none: no decoding)",
+    )
+    vae_batch_size: int = Field(32, ge=1, description="latents per VAE decode pass")
+    conditional: bool = Field(
+        False, description="the TorchScript model takes class labels: model(x_t, t, y)"
+    )
+    guidance_scale: float | None = Field(
+        None,
+        description="classifier-free guidance scale s of a class-conditional model (default: none)",
+    )
+    null_class: int | None = Field(
+        None, ge=0, description="null class id of guidance (default: the number of classes)"
+    )
+    labels: list[int] | None = Field(
+        None,
+        description="only these classes, e.g. 3,7, with a fit --by-label potential or from noise "
+        "(default: every class)",
+    )
+    per_label: int | None = Field(
+        None, ge=1, description="K samples of each class of --labels (default: of every class)"
+    )
     overwrite: bool = Field(False, description="replace an existing output")
 
-    @field_validator("shape", mode="before")
+    @field_validator("shape", "labels", mode="before")
     @classmethod
     def _shape_from_flag(cls, v: Any) -> Any:
-        """``--shape 3,32,32`` arrives as a string."""
-        return [int(float(s)) for s in v.split(",")] if isinstance(v, str) else v
+        """``--shape 3,32,32`` (``--labels 3,7``) arrives as a string, or a list of floats."""
+        if isinstance(v, str):
+            return [int(float(s)) for s in v.split(",")]
+        if isinstance(v, list) and all(isinstance(s, float) and s.is_integer() for s in v):
+            return [int(s) for s in v]
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
         parse_spec(self.model)
+        if self.num is None and self.per_label is None:
+            raise ValueError("--num is required (or --per-label K)")
+        if self.labels is not None and (not self.labels or min(self.labels) < 0):
+            raise ValueError("--labels must be non-negative class ids, e.g. 3,7")
         if not self.from_noise and not (self.targets and self.potential):
             raise ValueError("--targets and --potential are required unless --from-noise")
-        if self.from_noise and not (self.targets or self.schedule):
+        pipeline = self.model.startswith("diffusers:")
+        if self.from_noise and not (self.targets or self.schedule or pipeline):
             raise ValueError("--from-noise needs the schedule: pass --targets or --schedule")
         if self.from_noise and self.sampler in ("ddim", "dpm-solver++") and self.nfe is None:
             raise ValueError(f"--from-noise with --sampler {self.sampler} needs --nfe")
@@ -164,6 +244,17 @@ class RunInfo:
     data_shape: tuple[int, ...]
     h: np.ndarray | None = None
     source: str = "gaussian"
+    vae: VaeSpec | None = None  # decodes the latent samples to images
+    classes: ModelClasses = ModelClasses()  # what the model takes
+    target_labels: np.ndarray | None = None  # (N,) the targets' labels
+    labels: dict | None = None  # the targets' manifest ``labels`` (num_classes, counts, ...)
+    null_class: int | None = None
+    by_label: bool = False  # h holds one potential per class (fit --by-label)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of what the PNG bytes show: the decoded image, or the data itself."""
+        return self.data_shape if self.vae is None else self.vae.image_shape(self.data_shape)
 
     @property
     def dim(self) -> int:
@@ -191,12 +282,14 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
         schedule = parse_schedule(cfg.schedule)
     elif "schedule" in m:
         schedule = Schedule.from_dict(m["schedule"])
-    else:
-        raise DpmotError(f"{cfg.targets}: no schedule in the targets' manifest; pass --schedule")
+    elif (schedule := pipeline_schedule(cfg.model)) is None:
+        where = cfg.targets or cfg.model
+        raise DpmotError(f"{where}: no schedule in the targets' manifest; pass --schedule")
     shape = cfg.shape or m.get("data_shape") or m.get("shape") or _model_shape(cfg, schedule)
     shape = tuple(int(s) for s in shape)
+    common = {"vae": resolve_vae(cfg, m, shape), **resolve_classes(cfg, m)}
     if cfg.from_noise:
-        return RunInfo(schedule, schedule.num_steps - 1, shape)
+        return RunInfo(schedule, schedule.num_steps - 1, shape, **common)
     step = cfg.step if cfg.step is not None else m.get("step")
     if step is None:
         raise DpmotError(f"{cfg.targets}: no step in the targets' manifest; pass --step")
@@ -205,8 +298,46 @@ def resolve_run(cfg: SampleConfig) -> RunInfo:
     n, dim = datasets.targets_shape(cfg.targets)
     if math.prod(shape) != dim:
         raise DpmotError(f"{cfg.targets}: data shape {list(shape)} does not hold D={dim} values")
-    h, source = load_potential(cfg.potential, n)
-    return RunInfo(schedule, int(step), shape, h, source)
+    h, source, by_label = load_potential(cfg.potential, n)
+    labels = datasets.load_target_labels(cfg.targets) if common["labels"] else None
+    if by_label and labels is None:
+        raise DpmotError(f"{cfg.targets}: a --by-label potential needs the labelled targets")
+    if (cfg.labels or cfg.per_label) and not by_label:
+        raise DpmotError(
+            f"{cfg.potential}: --labels and --per-label need a potential of fit --by-label "
+            "(a global potential's cells of one class hold only that class's share of μ)"
+        )
+    info = {"target_labels": labels, "by_label": by_label, **common}
+    return RunInfo(schedule, int(step), shape, h, source, **info)
+
+
+def resolve_vae(cfg: SampleConfig, manifest: dict, shape: tuple[int, ...]) -> VaeSpec | None:
+    """The VAE that decodes the samples: ``--vae``, else the one the targets were encoded with,
+    else (targets not written by prepare, or none) a diffusers pipeline's ``vae/``.
+
+    None when there is none, with ``--vae none`` or ``--png never``.
+    """
+    if cfg.png == "never" or (cfg.vae or "").lower() == "none":
+        return None
+    recorded = manifest.get("vae") or {}
+    uri = cfg.vae or recorded.get("uri")
+    if uri is None and "vae" not in manifest:  # prepare records "vae": null for pixel data
+        uri = pipeline_vae(cfg.model)
+    if uri is None:
+        return None
+    vae = VaeSpec.open(uri, cfg.vae_batch_size)
+    channels = vae.image_shape(shape)[0]
+    if channels not in (1, 3):
+        raise DpmotError(f"{vae.uri}: decodes {channels}-channel images; PNG needs 1 or 3")
+    scaling = recorded.get("scaling_factor"), recorded.get("shift_factor")
+    if recorded and scaling != (vae.scaling_factor, vae.shift_factor):
+        log.warning(
+            "%s: scaling/shift factors %s differ from those the targets were encoded with %s",
+            vae.uri,
+            (vae.scaling_factor, vae.shift_factor),
+            scaling,
+        )
+    return vae
 
 
 def _model_shape(cfg: SampleConfig, schedule: Schedule) -> tuple[int, ...]:
@@ -217,9 +348,10 @@ def _model_shape(cfg: SampleConfig, schedule: Schedule) -> tuple[int, ...]:
     return shape
 
 
-def load_potential(uri: str, n: int) -> tuple[np.ndarray, str]:
-    """h (n,) float64 and the source measure of a fit output folder (or an h ``.npy``)."""
-    source = "gaussian"
+def load_potential(uri: str, n: int) -> tuple[np.ndarray, str, bool]:
+    """h (n,) float64, the source measure of a fit output folder (or an h ``.npy``), and
+    whether h holds one potential per class (``fit --by-label``)."""
+    source, by_label = "gaussian", False
     if uri.rstrip("/").lower().endswith(".npy"):
         h = storage.load_npy(uri)
     else:
@@ -227,11 +359,12 @@ def load_potential(uri: str, n: int) -> tuple[np.ndarray, str]:
             raise DpmotError(f"{uri}: not a finished fit output (no _SUCCESS); rerun fit")
         manifest_uri = datasets.find_aux(uri, datasets.MANIFEST)
         if manifest_uri is not None:
-            source = storage.read_json(manifest_uri).get("source", "gaussian")
+            manifest = storage.read_json(manifest_uri)
+            source, by_label = manifest.get("source", "gaussian"), bool(manifest.get("by_label"))
         h = storage.load_npy(storage.join(uri, "h.npy"))
     if h.shape != (n,) or h.dtype.kind != "f" or not np.isfinite(h).all():
         raise DpmotError(f"{uri}: h must be {n} finite floats (one per target), got {h.shape}")
-    return h.astype(np.float64), source
+    return h.astype(np.float64), source, by_label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,22 +380,26 @@ def chunk_ranges(num: int, chunk: int) -> list[tuple[int, int]]:
 # Phase 1: the plan
 
 
-def plan_table(plan: MapPlan, seed: int, fingerprint: dict) -> pa.Table:
+def plan_table(
+    plan: MapPlan, seed: int, fingerprint: dict, labels: np.ndarray | None = None
+) -> pa.Table:
     n = len(plan.ot_index)
-    table = pa.table(
-        {
-            "sample_id": pa.array(np.arange(n, dtype=np.int64)),
-            "seed": pa.array(np.full(n, seed, np.int64)),
-            "ot_index": pa.array(plan.ot_index, pa.int64()),
-            "partner": pa.array(plan.partner, pa.int64()),
-            "weight": pa.array(plan.weight, pa.float32()),
-        }
-    )
+    cols = {
+        "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+        "seed": pa.array(np.full(n, seed, np.int64)),
+        "ot_index": pa.array(plan.ot_index, pa.int64()),
+        "partner": pa.array(plan.partner, pa.int64()),
+        "weight": pa.array(plan.weight, pa.float32()),
+    }
+    if labels is not None:
+        cols["label"] = pa.array(labels, pa.int64())
+    table = pa.table(cols)
     return table.replace_schema_metadata({"dpmot.fingerprint": json.dumps(fingerprint)})
 
 
-def read_plan(out: str) -> tuple[MapPlan, dict] | None:
-    """The saved plan and the fingerprint of the run that wrote it (None when absent)."""
+def read_plan(out: str) -> tuple[MapPlan, dict, np.ndarray | None] | None:
+    """The saved plan, the fingerprint of the run that wrote it and the samples' labels (None
+    when unlabelled); None when there is no plan."""
     uri = datasets.find_aux(out, datasets.PLAN)
     if uri is None:
         return None
@@ -270,9 +407,10 @@ def read_plan(out: str) -> tuple[MapPlan, dict] | None:
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
         fp = json.loads(table.schema.metadata[b"dpmot.fingerprint"])
         cols = {c: table.column(c).to_numpy() for c in ("ot_index", "partner", "weight")}
+        labels = table.column("label").to_numpy() if "label" in table.column_names else None
     except (pa.ArrowException, KeyError, ValueError) as e:
         raise DpmotError(f"{uri}: unreadable plan ({e}); pass --overwrite") from None
-    return MapPlan(cols["ot_index"], cols["partner"], cols["weight"]), fp
+    return MapPlan(cols["ot_index"], cols["partner"], cols["weight"]), fp, labels
 
 
 def check_same_run(out: str, fp: dict, theirs: dict) -> None:
@@ -286,8 +424,14 @@ def check_same_run(out: str, fp: dict, theirs: dict) -> None:
         )
 
 
-def make_plan(cfg: SampleConfig, info: RunInfo) -> tuple[MapPlan, TargetRows | None]:
-    """Phase 1's search: every sample's OT cell (and interp partner) via the ShardPool."""
+def make_plan(
+    cfg: SampleConfig, info: RunInfo, labels: np.ndarray | None = None
+) -> tuple[MapPlan, TargetRows | None]:
+    """Phase 1's search: every sample's OT cell (and interp partner) via the ShardPool.
+
+    For a ``--by-label`` potential the samples of class c search class c's cells only
+    (:func:`~dpmot_dist.pipelines.classes.label_groups`).
+    """
     from dpmot_dist.pipelines.shards import ShardPool
 
     if cfg.from_noise:
@@ -303,39 +447,47 @@ def make_plan(cfg: SampleConfig, info: RunInfo) -> tuple[MapPlan, TargetRows | N
     )
     source = Source(kind=info.source)
     ids = np.arange(cfg.num, dtype=np.int64)
-    plans, rows = [], []
+    plans, rows, order = [], [], []
     try:
-        for a in range(0, cfg.num, cfg.map_batch):
-            plan, r = plan_map(
-                pool,
-                info.h,
-                ids[a : a + cfg.map_batch],
-                cfg.seed,
-                mode=cfg.map,
-                k=cfg.k,
-                angle=cfg.angle,
-                w_max=cfg.interp_max,
-                source=source,
-                targets_uri=cfg.targets,
-                batch=cfg.map_batch,
-            )
-            plans.append(plan)
-            rows.append(r)
+        for group, h, allowed in label_groups(ids, info, labels):
+            order.append(group)
+            for a in range(0, len(group), cfg.map_batch):
+                plan, r = plan_map(
+                    pool,
+                    h,
+                    group[a : a + cfg.map_batch],
+                    cfg.seed,
+                    mode=cfg.map,
+                    k=cfg.k,
+                    angle=cfg.angle,
+                    w_max=cfg.interp_max,
+                    source=source,
+                    targets_uri=cfg.targets,
+                    batch=cfg.map_batch,
+                    cells=allowed,
+                )
+                plans.append(plan)
+                rows.append(r)
     finally:
         pool.close()
     cached = rows[0] if len(rows) == 1 else None  # reuse interp's rows when in one wave
-    return MapPlan.concat(plans), cached
+    return MapPlan.concat(plans).take(np.argsort(np.concatenate(order))), cached
 
 
 def chunk_tasks(
-    cfg: SampleConfig, plan: MapPlan, missing: list[int], rows: TargetRows | None
+    cfg: SampleConfig,
+    plan: MapPlan,
+    missing: list[int],
+    rows: TargetRows | None,
+    labels: np.ndarray | None = None,
 ) -> list[ChunkTask]:
     """The tasks of the missing chunks, with their mapped x_M read from the targets."""
     ranges = chunk_ranges(cfg.num, cfg.chunk)
     tasks = []
     for c in missing:
         a, b = ranges[c]
-        tasks.append(ChunkTask(c, np.arange(a, b, dtype=np.int64), plan.ot_index[a:b], None))
+        ids, y = np.arange(a, b, dtype=np.int64), None if labels is None else labels[a:b]
+        tasks.append(ChunkTask(c, ids, plan.ot_index[a:b], None, y))
     if cfg.from_noise or not tasks:
         return tasks
     sel = np.concatenate([t.sample_ids for t in tasks])
@@ -364,8 +516,10 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         manifest = datasets.read_manifest(cfg.out)
         check_same_run(cfg.out, fp, manifest.get("fingerprint", {}))
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
-        return {"out": cfg.out, "num": cfg.num, "complete": True, "written": 0, "chunks_written": 0}
+        num = manifest.get("num")
+        return {"out": cfg.out, "num": num, "complete": True, "written": 0, "chunks_written": 0}
     info = resolve_run(cfg)  # checks the inputs before anything is written
+    cfg = resolve_num(cfg, info)
     storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=not cfg.overwrite)
     if cfg.workers:
         ensure_ray()
@@ -379,12 +533,15 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = None
     if saved is None:
-        plan, rows = make_plan(cfg, info)
-        write_table_atomic(storage.join(cfg.out, datasets.PLAN), plan_table(plan, cfg.seed, fp))
+        first = classes_first(cfg, info)
+        plan, rows = make_plan(cfg, info, first)
+        labels = plan_labels(info, plan, first)
+        table = plan_table(plan, cfg.seed, fp, labels)
+        write_table_atomic(storage.join(cfg.out, datasets.PLAN), table)
     else:
-        plan = saved[0]
+        plan, _, labels = saved
     t_search = time.perf_counter() - t0
-    tasks = chunk_tasks(cfg, plan, missing, rows)
+    tasks = chunk_tasks(cfg, plan, missing, rows, labels)
     t_map = time.perf_counter() - t0
 
     job = ChunkJob(
@@ -399,8 +556,12 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         sampler=cfg.sampler_spec(),
         from_noise=cfg.from_noise,
         seed=cfg.seed,
-        png=cfg.png == "auto" and is_image(info.data_shape),
+        png=cfg.png == "auto" and (info.vae is not None or is_image(info.data_shape)),
         batch=cfg.batch,
+        vae=info.vae,
+        conditional=cfg.conditional,
+        guidance=1.0 if info.null_class is None else cfg.guidance_scale,
+        null_class=info.null_class,
     )
     t1 = time.perf_counter()
     if cfg.workers:
@@ -415,6 +576,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
 
     nfe = stats[0]["nfe"] if stats else _nfe_on_disk(cfg.out)
     written = sum(s["rows"] for s in stats)
+    worker_seconds = sum(s["t_gen"] + s["t_decode"] + s["t_write"] for s in stats)
+    decode_fraction = sum(s["t_decode"] for s in stats) / max(worker_seconds, 1e-9)
     throughput = {
         "samples_written": written,
         "map_seconds": t_map,
@@ -425,9 +588,13 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "phase2_samples_per_s": written / max(t_phase2, 1e-9),
         "model_evals_per_s": written * nfe / max(t_phase2, 1e-9),
         "map_fraction": t_map / max(t_phase2, 1e-9),
-        "worker_seconds": sum(s["t_gen"] + s["t_write"] for s in stats),
+        "worker_seconds": worker_seconds,
+        "decode_seconds": sum(s["t_decode"] for s in stats),
+        "decode_fraction": decode_fraction,
+        "samples_per_s_without_decode": written
+        / max(t_map + t_phase2 * (1 - decode_fraction), 1e-9),
     }
-    manifest = _manifest(cfg, info, job, n_chunks, nfe, fp, throughput)
+    manifest = _manifest(cfg, info, job, n_chunks, nfe, fp, throughput, labels is not None)
     storage.write_json_atomic(storage.join(cfg.out, datasets.MANIFEST), manifest)
     storage.mark_success(cfg.out)
     log.info(
@@ -457,8 +624,18 @@ def _nfe_on_disk(out: str) -> int:
     return int(pq.read_table(io.BytesIO(data), columns=["nfe"]).column("nfe")[0].as_py())
 
 
-def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, throughput) -> dict:
-    columns = ["sample_id", "seed", "ot_index", "nfe", "x"] + (["png"] if job.png else [])
+def _manifest(
+    cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, throughput, labelled: bool
+) -> dict:
+    columns = ["sample_id", "seed", "ot_index", *(["label"] if labelled else []), "nfe", "x"]
+    columns += ["png"] if job.png else []
+    labels = None
+    if labelled:
+        names = {k: info.labels[k] for k in ("num_classes", "classes") if k in info.labels}
+        labels = {**names, "conditional": info.classes.conditional}
+    decoded = {}
+    if info.vae is not None:
+        decoded = {"image_shape": list(info.image_shape), "vae": info.vae.describe()}
     return {
         "kind": datasets.SAMPLES_KIND,
         "version": datasets.SAMPLES_VERSION,
@@ -471,6 +648,11 @@ def _manifest(cfg, info: RunInfo, job: ChunkJob, n_chunks: int, nfe: int, fp, th
         "columns": columns,
         "png": job.png,
         **({"png_range": list(PNG_RANGE)} if job.png else {}),
+        "decoded": info.vae is not None,
+        **decoded,
+        "labels": labels,
+        "guidance_scale": job.guidance if job.null_class is not None else None,
+        "null_class": job.null_class,
         "model": cfg.model,
         "sampler": cfg.sampler,
         "nfe": nfe,

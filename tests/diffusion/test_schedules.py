@@ -15,6 +15,7 @@ VP_CASES = [
     dict(kind="vp-cosine"),
     dict(kind="vp-linear", num_steps=500, beta_start=1e-3, beta_end=0.03),
     dict(kind="vp-cosine", num_steps=250),
+    dict(kind="vp-scaled-linear", beta_start=0.00085, beta_end=0.012),
 ]
 
 
