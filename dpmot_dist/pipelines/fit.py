@@ -356,24 +356,13 @@ def warn_worst_cell(targets: str, ev: dict, limit: float = 0.1) -> None:
         )
 
 
-def evaluation_record(result: SDOTResult) -> list[dict]:
-    """The final fresh-sample evaluation as the last line of ``metrics.jsonl`` (the same keys
-    as an iteration's record, ``"evaluation": true``), or nothing when not evaluated."""
-    ev = result.evaluation
-    if not ev:
-        return []
-    last = result.metrics[-1] if result.metrics else {}
-    return [
-        {
-            **ev,
-            "iter": result.iterations,
-            "evaluation": True,
-            "eval_samples": ev["samples"],
-            "samples": result.samples,
-            "seconds": last.get("seconds", 0.0),
-            "stop_reason": result.stop_reason,
-        }
-    ]
+def with_evaluation(result: SDOTResult) -> list[dict]:
+    """The metrics records, the last one (the final iteration) carrying the final fresh-sample
+    evaluation under ``"evaluation"`` (TV, worst cell and its masses, sample size, floor)."""
+    records = [dict(r) for r in result.metrics]
+    if result.evaluation and records:
+        records[-1]["evaluation"] = {**result.evaluation, "stop_reason": result.stop_reason}
+    return records
 
 
 def checkpoint(out: str, state: SolverState) -> None:
@@ -392,7 +381,7 @@ def _write_outputs(
     extra: dict | None = None,
 ) -> None:
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
-    write_metrics(cfg.out, result.metrics + evaluation_record(result))
+    write_metrics(cfg.out, with_evaluation(result))
     manifest = {
         "kind": "potential",
         "version": 1,

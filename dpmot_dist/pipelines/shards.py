@@ -405,7 +405,8 @@ class ShardPool:
 
             parts = ray.get([s.topk.remote(h, key, samples, 2, batches, source) for s in group])
         values, _ = merge_shards([(p[0], p[1]) for p in parts], 2)
-        return float(np.median(values[:, 0] - values[:, 1]))
+        gaps = torch.from_numpy(values[:, 0] - values[:, 1])
+        return float(gaps.median())  # torch's median (the lower middle), as LocalAssigner's
 
     # -- the sampler's map ------------------------------------------------------------------
 
