@@ -153,7 +153,9 @@ def test_solver_with_lattice_source_counts_projections():
     rec = res.metrics[0]
     assert rec["batch"] == 300 and rec["points"] == 100 * 16
     assert res.samples == 5 * 300
-    assert res.evaluation["tv_noise_floor"] == pytest.approx(math.sqrt(50 / (2 * math.pi * 3000)))
+    # the floor of 3,000 projections: Σ_i sqrt(ν_i (1 − ν_i) / (2π B)), ν_i = 1/50
+    floor = 50 * math.sqrt((1 / 50) * (49 / 50) / (2 * math.pi * 3000))
+    assert res.evaluation["tv_noise_floor"] == pytest.approx(floor)
 
 
 def test_default_source_refuses_a_lattice_wider_than_the_targets():

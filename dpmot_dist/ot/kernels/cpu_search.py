@@ -46,7 +46,8 @@ else:
         # torch's and faiss's, and the two crash each other
         numba.config.THREADING_LAYER = "workqueue"
 
-BLOCK = 512  # targets scored per block in topc_lattice (4 rows of 2 KiB stay in L1)
+BLOCK = 1024  # targets scored per block in topc_lattice (its rows stay in L1)
+SPAN = 32  # scores per span whose maximum decides whether the span is scanned
 
 
 def available() -> bool:
@@ -61,22 +62,11 @@ def empty_topc(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
 
 if numba is not None:
 
-    @njit(inline="always", fastmath=True)
-    def _block_max(buf, n):
-        """max(buf[:n]) (reassociated: vectorised; exact, since max is order-free)."""
-        mx = buf[0]
-        for t in range(1, n):
-            mx = max(mx, buf[t])
-        return mx
-
     @njit(inline="always")
     def _insert(bv, bi, v, idx):
-        """Insert (v, idx) into the sorted list (bv, bi) when it beats the last entry;
-        equal values keep the earlier (lower-index) entry first."""
-        c = bv.shape[0]
-        if not v > bv[c - 1]:
-            return
-        q = c - 1
+        """Insert (v, idx), which beats the last entry, into the sorted list (bv, bi); equal
+        values keep the earlier (lower-index) entry first."""
+        q = bv.shape[0] - 1
         while q > 0 and bv[q - 1] < v:
             bv[q] = bv[q - 1]
             bi[q] = bi[q - 1]
@@ -85,42 +75,114 @@ if numba is not None:
         bi[q] = idx
 
     @njit(inline="always")
-    def _merge_block(buf, n, t0, bv, bi):
-        """Merge scores buf[:n] of targets t0.. into one running list."""
-        if _block_max(buf, n) <= bv[bv.shape[0] - 1]:
-            return
-        for t in range(n):
-            _insert(bv, bi, buf[t], t0 + t)
+    def _ordered(bits):
+        """The int32 bits of a float32 mapped to an int32 of the same order (an involution:
+        applied twice it gives the bits back)."""
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @njit(inline="always")
+    def _span_maxima(bits, n, maxima):
+        """maxima[s] = the order key of max(scores[s·SPAN : (s+1)·SPAN]) for the n scores whose
+        float32 bits are ``bits``: an integer max, which the compiler vectorises (a float max
+        reduction it does not)."""
+        spans = (n + SPAN - 1) // SPAN
+        for s in range(spans):
+            span = bits[s * SPAN : min(n, (s + 1) * SPAN)]
+            mx = np.int32(-(2**31))
+            for t in range(len(span)):
+                mx = max(mx, _ordered(span[t]))
+            maxima[s] = mx
+        return spans
+
+    @njit(inline="always")
+    def _scan(buf, n, maxima, spans, t0, bv, bi, top, keyf, keyi):
+        """Merge scores buf[:n] of targets t0.. into the running list (bv, bi), given the order
+        keys of their spans' maxima: only the spans that can hold a winner are scanned, those
+        reaching both the list's last value and the c-th largest span maximum (the c largest
+        maxima are c distinct scores, so the block's own top c are all that large). ``top``
+        (c int32), ``keyf`` (one float32) and ``keyi`` (its int32 view) are scratch space."""
+        c = bv.shape[0]
+        top[:] = -(2**31)  # the c largest span maxima, descending
+        for s in range(spans):
+            mx = maxima[s]
+            if mx > top[c - 1]:
+                q = c - 1
+                while q > 0 and top[q - 1] < mx:
+                    top[q] = top[q - 1]
+                    q -= 1
+                top[q] = mx
+        keyf[0] = bv[c - 1]
+        floor = max(_ordered(keyi[0]), top[c - 1])
+        thr = bv[c - 1]
+        for s in range(spans):
+            if maxima[s] < floor:
+                continue
+            lo = s * SPAN
+            span = buf[lo : min(n, lo + SPAN)]
+            for t in range(len(span)):
+                v = span[t]
+                if v > thr:
+                    _insert(bv, bi, v, t0 + lo + t)
+                    thr = bv[c - 1]
 
     @njit(parallel=True, cache=True)
     def topc_rows(s, t0, best_v, best_i):
         """Merge the (B, T) score tile of targets t0..t0+T into the (B, c) running lists."""
+        width = s.shape[1]
+        bits = s.view(np.int32)
         for b in prange(s.shape[0]):
-            _merge_block(s[b], s.shape[1], t0, best_v[b], best_i[b])
+            maxima = np.empty(BLOCK // SPAN + 1, np.int32)
+            top = np.empty(best_v.shape[1], np.int32)
+            keyf = np.empty(1, np.float32)
+            keyi = keyf.view(np.int32)
+            for b0 in range(0, width, BLOCK):
+                n = min(BLOCK, width - b0)
+                spans = _span_maxima(bits[b, b0 : b0 + n], n, maxima)
+                row = s[b, b0 : b0 + n]
+                _scan(row, n, maxima, spans, t0 + b0, best_v[b], best_i[b], top, keyf, keyi)
 
     @njit(parallel=True, cache=True)
     def topc_lattice(a, coef, h, t0, best_v, best_i):
         """Running top-c of lattice points over the targets t0..t0+T of one tile.
 
-        a: (S, m, T) float32 projections ⟨q_sj, y_t⟩; coef: (S, G, m) float32; h: (T,)
-        float32 offsets of the tile; best_v, best_i: (S·G, c) running lists (point s·G + g).
+        a: (S, m, T) float32 projections ⟨q_sj, y_t⟩ (m = 2 or 3); coef: (S, G, m) float32;
+        h: (T,) float32 offsets of the tile; best_v, best_i: (S·G, c) running lists (point
+        s·G + g). Per block of targets and point, one vectorised loop forms the scores (IEEE
+        fp32, in a fixed order), one takes their spans' maxima, and :func:`_scan` reads only
+        the spans that matter.
         """
         n_sub, m, width = a.shape
         g_pts = coef.shape[1]
         for s in prange(n_sub):
             buf = np.empty(BLOCK, np.float32)
+            bits = buf.view(np.int32)
+            maxima = np.empty(BLOCK // SPAN + 1, np.int32)
+            top = np.empty(best_v.shape[1], np.int32)
+            keyf = np.empty(1, np.float32)
+            keyi = keyf.view(np.int32)
+            a0, a1, a2 = a[s, 0], a[s, 1], a[s, m - 1]
             for b0 in range(0, width, BLOCK):
                 n = min(BLOCK, width - b0)
+                # slices indexed by range() variables: no negative-index wraparound test in
+                # the loops, so they vectorise
+                hb, a0b, a1b, a2b = (
+                    h[b0 : b0 + n],
+                    a0[b0 : b0 + n],
+                    a1[b0 : b0 + n],
+                    a2[b0 : b0 + n],
+                )
                 for g in range(g_pts):
-                    c0 = coef[s, g, 0]
-                    for t in range(n):
-                        buf[t] = h[b0 + t] + c0 * a[s, 0, b0 + t]
-                    for j in range(1, m):
-                        cj = coef[s, g, j]
+                    c0, c1 = coef[s, g, 0], coef[s, g, 1]
+                    if m == 3:
+                        c2 = coef[s, g, 2]
                         for t in range(n):
-                            buf[t] += cj * a[s, j, b0 + t]
+                            buf[t] = ((hb[t] + c0 * a0b[t]) + c1 * a1b[t]) + c2 * a2b[t]
+                    else:
+                        for t in range(n):
+                            buf[t] = (hb[t] + c0 * a0b[t]) + c1 * a1b[t]
+                    spans = _span_maxima(bits, n, maxima)
                     p = s * g_pts + g
-                    _merge_block(buf, n, t0 + b0, best_v[p], best_i[p])
+                    _scan(buf, n, maxima, spans, t0 + b0, best_v[p], best_i[p], top, keyf, keyi)
 
     @njit(inline="always")
     def _select_topk(vals, idx, r, k, out_v, out_i):
