@@ -63,6 +63,7 @@ class FitConfig(Config):
             "replicas",
             "shards",
             "shard_memory",
+            "placement",
             "cpus_per_worker",
             "backend",
             "storage_dtype",
@@ -114,6 +115,11 @@ class FitConfig(Config):
         gt=0,
         description="bytes of targets per shard actor for --shards auto (default: 70%% of "
         "the GPU's memory; on CPU half the RAM over the actors)",
+    )
+    placement: Literal["default", "spread"] = Field(
+        "default",
+        description="spread: the actors over as many nodes as can take them (Ray's SPREAD; an "
+        "actor whose node dies restarts on another)",
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per shard actor")
     backend: str = Field("auto", description="search backend: auto, faiss, torch, triton")
@@ -249,6 +255,7 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         seed=cfg.seed,
         chunk=cfg.chunk,
         cpus_per_worker=cfg.cpus_per_worker,
+        placement=cfg.placement,
     )
     try:
         storage.write_json_atomic(storage.join(cfg.out, datasets.WORKERS), pool.layout())

@@ -274,11 +274,14 @@ class ShardPool:
         chunk: int = 4096,
         cpus_per_worker: float = 1.0,
         max_restarts: int = 3,
+        placement: str = "default",
     ) -> ShardPool:
         """Start the actors, each shard loading only its own rows of ``targets_uri``.
 
         ``replicas`` × ``shards`` actors (+ one reducer per group when ``shards`` > 1);
         ``workers`` = K alone means 1 × K; nothing (or 0): one in-process worker.
+        ``placement`` ``spread``: Ray's SPREAD strategy (actors over as many nodes as can
+        take them; an actor whose node dies restarts on another).
         """
         n, dim = datasets.targets_shape(targets_uri)
         source = source or Source()
@@ -298,6 +301,8 @@ class ShardPool:
             "max_restarts": max_restarts,
             "max_task_retries": max_restarts,
         }
+        if placement == "spread":
+            options["scheduling_strategy"] = "SPREAD"
         gpus = 1 if resolve_device(device) == "cuda" else 0
         shard = ray.remote(ShardWorker).options(num_gpus=gpus, **options)
         threads = max(1, int(cpus_per_worker))
