@@ -1,24 +1,29 @@
-"""``dpmot bench fit``: the distributed fit's iteration time, split, bytes moved; a cost model.
+r"""``dpmot bench fit``: the distributed fit's iteration time and what reaches the driver.
 
-For each K in ``--workers`` a short fit runs through :func:`dpmot_dist.pipelines.fit.run_fit` on
-synthetic Gaussian targets (N×D), with K Ray shard actors sharing ``--cpus`` CPUs (K = 0:
-in process). From the per-iteration records, after ``--warmup`` iterations, it reports the
-median iteration time, the median search / transfer / reduce times, the bytes moved between
-the driver and the actors, and the fraction of the iteration spent searching.
+For each (R replicas, G shards, B batch) of ``--replicas`` × ``--shards`` × ``--batches``, a
+short fit runs through :func:`dpmot_dist.pipelines.fit.run_fit` on synthetic Gaussian targets
+(N×D) on local Ray, its R·G shard actors (and reducers) sharing ``--cpus`` CPUs (fractional
+CPUs per actor, set here). From the per-iteration records, after ``--warmup`` iterations, it
+reports the median iteration time, search time, bytes into the driver and the driver's CPU
+seconds. Statistics are computed where the points are (:mod:`dpmot_dist.pipelines.shards`):
+the driver receives R Assignments (a few N-vectors each) per iteration, whatever B or the
+source, so ``driver_bytes_per_iter`` ≤ 32·N·R + 1 MB must hold, equal across batches.
 
 The cost model predicts one iteration of a target problem (default ImageNet scale:
-N = 1.28M, D = 4,096, 10 samples per cell, so B = 12.8M) on K GPUs:
+N = 1.28M, D = 4,096, B = 10 N) on K = R·G GPUs:
 
 .. math::
-    t_{iter}(K) \\approx \\underbrace{\\frac{2 B (N/K) D}{R}}_{search}
-    + \\underbrace{\\frac{K B s + K N \\cdot 8}{W}}_{transfer}
-    + \\underbrace{\\frac{K B}{Q}}_{reduce}
+    t_{iter} \approx \underbrace{\frac{2 B N D}{K\,F}\,(1 + \lambda)}_{\text{search}}
+    + \underbrace{\frac{(K/g) \cdot 8N + R \cdot c N}{W}}_{\text{h out, counts in}}
+    + \underbrace{\frac{R N}{Q}}_{\text{driver sum}}
+    + \underbrace{[G > 1]\,\frac{(B/R)\,G\,s}{W_{node}}}_{\text{top-k to the reducer}},
 
-with R one GPU's matmul rate (``--gpu-tflops``), s the bytes each actor returns per sample
-and Q the driver's merge rate in (sample, worker) pairs per second (both measured here),
-and W the driver's network bandwidth (``--net-gbps``). Transfer and reduce overlap the next
-wave's search, so the serial sum is an upper bound and max(search, transfer + reduce) a
-lower one.
+F one GPU's matmul rate, g GPUs per node (h reaches each node's object store once), λ the
+lattice's scoring overhead per projection (0 for independent points; (G_lat/m)(2m + 1)/(2D)
+at the kernel's rate), c the bytes of counts per cell a group returns (4 for the int32
+counts, 8 with the control variate's snapshot counts), Q the driver's rate of summing
+N-vectors (measured here), W the driver's and W_node a node's bandwidth, s the bytes of one
+point's top-k. Scaling efficiency from 8 to 64 GPUs: t(8)·8 / (t(64)·64).
 """
 
 from __future__ import annotations
@@ -37,56 +42,67 @@ import numpy as np
 import torch
 
 from dpmot_dist.benchmarks.search import best_times
-from dpmot_dist.ot.assign import assignment_from_winners
-from dpmot_dist.ot.search import merge_topk
-from dpmot_dist.ot.sources import Source
+from dpmot_dist.ot.assign import Assignment, combine
 from dpmot_dist.pipelines.fit import FitConfig, run_fit
 
-SPLIT = ("t_search", "t_transfer", "t_reduce")
 FORMULA = (
-    "t_iter(K) ≈ 2·B·(N/K)·D / R  +  (K·B·s + K·N·8) / W  +  K·B / Q   "
-    "(B = samples_per_cell·N; R: one GPU's matmul rate; s: bytes per sample per worker; "
-    "W: driver network bandwidth; Q: driver merge rate, (sample, worker) pairs/s)"
+    "t_iter ≈ 2·B·N·D/(K·F)·(1 + λ)  +  ((K/g)·8N + R·c·N)/W  +  R·N/Q  +  [G>1]·(B/R)·G·s/W_node"
+    "   (K = R·G GPUs, g per node; F: one GPU's matmul rate; λ: lattice scoring overhead; c: "
+    "bytes of counts per cell per group; Q: the driver's N-vector sum rate; W, W_node: "
+    "bandwidths)"
 )
 
 
 @dataclass(frozen=True, kw_only=True)
 class CostModel:
-    """One iteration's time at a target scale from measured per-sample costs.
+    """One iteration's time at a target scale, from measured driver costs.
 
     Attributes:
         n, dim, samples_per_cell: the target problem (B = samples_per_cell · N).
-        bytes_per_sample: s, bytes one actor returns to the driver per source sample.
-        reduce_rate: Q, (sample, worker) pairs the driver merges per second.
-        net_gbps: W, the driver's network bandwidth in Gbit/s.
+        count_bytes: c, bytes per cell a replica group returns per iteration.
+        sum_rate: Q, cells per second the driver adds into its totals.
+        net_gbps: W, the driver's network bandwidth; node_gbps: W_node, within a node.
+        topk_bytes: s, bytes of one point's top-k (value, index) from one shard.
+        lattice_overhead: λ, the lattice's extra search time per projection ÷ the GEMM's.
     """
 
     n: int = 1_280_000
     dim: int = 4096
     samples_per_cell: float = 10.0
-    bytes_per_sample: float = 16.0
-    reduce_rate: float = 1e8
+    count_bytes: float = 8.0
+    sum_rate: float = 5e8
     net_gbps: float = 100.0
+    node_gbps: float = 900.0
+    topk_bytes: float = 16.0
+    lattice_overhead: float = 0.0
+    gpus_per_node: int = 8
 
     @property
     def batch(self) -> int:
         return math.ceil(self.samples_per_cell * self.n)
 
-    def predict(self, workers: int, tflops: float) -> dict:
-        """Seconds of search, transfer and reduce for K = ``workers`` at R = ``tflops``."""
-        b, k = self.batch, workers
-        t_search = 2.0 * b * (self.n / k) * self.dim / (tflops * 1e12)
-        moved = k * b * self.bytes_per_sample + k * self.n * 8
-        t_transfer = moved / (self.net_gbps * 1e9 / 8)
-        t_reduce = k * b / self.reduce_rate
+    def predict(self, gpus: int, tflops: float, shards: int = 1) -> dict:
+        """Seconds of each term for K = ``gpus`` at F = ``tflops``, G = ``shards`` per group."""
+        b, k, g = self.batch, gpus, shards
+        r = max(1, k // g)
+        t_search = 2.0 * b * self.n * self.dim / (k * tflops * 1e12) * (1 + self.lattice_overhead)
+        nodes = math.ceil(k / self.gpus_per_node)
+        t_transfer = (nodes * 8 * self.n + r * self.count_bytes * self.n) / (
+            self.net_gbps * 1e9 / 8
+        )
+        t_driver = r * self.n / self.sum_rate
+        t_group = (b / r) * g * self.topk_bytes / (self.node_gbps * 1e9 / 8) if g > 1 else 0.0
+        total = t_search + t_transfer + t_driver + t_group
         return {
+            "replicas": r,
+            "shards": g,
             "t_search": t_search,
             "t_transfer": t_transfer,
-            "t_reduce": t_reduce,
-            "bytes_moved": moved,
-            "t_iter_serial": t_search + t_transfer + t_reduce,
-            "t_iter_overlapped": max(t_search, t_transfer + t_reduce),
-            "search_fraction": t_search / (t_search + t_transfer + t_reduce),
+            "t_driver": t_driver,
+            "t_group": t_group,
+            "t_iter": total,
+            "driver_bytes_per_iter": r * self.count_bytes * self.n,
+            "search_fraction": t_search / total,
         }
 
 
@@ -108,77 +124,66 @@ def matmul_gflops(n: int, dim: int, batch: int = 4096, repeat: int = 3) -> float
     return flops / t / 1e9
 
 
-def noise_seconds(batch: int, dim: int, chunk: int, threads: int) -> float:
-    """Seconds one actor spends regenerating the B source points of one iteration."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
-        for start in range(0, batch, chunk):
-            Source().sample(min(chunk, batch - start), dim, 0, 0, start)
-        return time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(before)
-
-
-def driver_reduce_rate(workers: int = 8, samples: int = 1 << 20, n: int = 1 << 20) -> float:
-    """(sample, worker) pairs per second through the driver's reduce (merge, then counts).
-
-    The same calls as :meth:`dpmot_dist.pipelines.shards.ShardPool.assign` on K shards'
-    (value, index) answers, at a size where per-call overheads no longer matter.
-    """
+def driver_sum_rate(groups: int = 8, n: int = 1 << 20) -> float:
+    """Cells per second the driver adds into its totals (``combine`` of R Assignments with
+    counts and snapshot counts, as the pool does)."""
     rng = np.random.default_rng(0)
-    bounds = np.linspace(0, n, workers + 1).astype(np.int64)
     parts = [
-        (rng.standard_normal((samples, 1)), rng.integers(a, b, (samples, 1)))
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        Assignment(
+            rng.integers(0, 100, n, dtype=np.int32),
+            1.0,
+            100 * n,
+            snap_counts=rng.integers(0, 100, n, dtype=np.int32),
+        )
+        for _ in range(groups)
     ]
+    combine(parts)
     t0 = time.perf_counter()
-    values, indices = merge_topk(parts, 1)
-    assignment_from_winners(values[:, 0], indices[:, 0], n, 4096)
-    return workers * samples / (time.perf_counter() - t0)
+    combine(parts)
+    return groups * n / (time.perf_counter() - t0)
 
 
-def run_workers(
-    targets: Path, workers: int, *, iters: int, warmup: int, cpus: float, args, out: Path
+def run_layout(
+    targets: Path, replicas: int, shards: int, batch: int, *, args, cpus: float, out: Path
 ) -> dict:
-    """A short fit with K = ``workers`` actors; medians of the per-iteration records."""
+    """A short fit with R × G actors at batch B; medians of the per-iteration records."""
+    actors = replicas * shards + (replicas if shards > 1 else 0)
     cfg = FitConfig(
         targets=str(targets),
         out=str(out),
-        workers=workers,
-        cpus_per_worker=max(cpus / max(workers, 1), 0.01),
-        iters=iters,
+        replicas=replicas,
+        shards=shards,
+        cpus_per_worker=max(cpus / actors, 0.01),
+        iters=args.iters,
         seed=args.seed,
         chunk=args.chunk,
-        samples_per_cell=args.samples_per_cell,
+        lattice=args.lattice,
+        samples_per_cell=1e-9,
+        min_batch=batch,
         eval_samples=0,
         log_every=1,
-        checkpoint_every=iters + 1,
+        checkpoint_every=args.iters + 1,
         overwrite=True,
+        stop="cap",
+        patience=10**6,
     )
     result = run_fit(cfg)
-    records = result.metrics[warmup:] or result.metrics[-1:]
-    med = {key: statistics.median(r.get(key, 0.0) for r in records) for key in (*SPLIT, "t_iter")}
-    total = {key: sum(r.get(key, 0.0) for r in records) for key in (*SPLIT, "t_iter")}
-    batch = records[-1]["batch"]
-    bytes_moved = statistics.median(r.get("bytes_moved", 0) for r in records)
-    h_bytes = workers * result.h.size * 8
+    records = result.metrics[args.warmup :] or result.metrics[-1:]
+    keys = ("t_iter", "t_search", "t_reduce", "t_transfer", "t_driver_cpu", "bytes_moved")
+    med = {key: statistics.median(r.get(key, 0.0) for r in records) for key in keys}
     return {
-        "workers": workers,
-        "cpus_per_worker": cfg.cpus_per_worker,
-        "batch": batch,
+        "replicas": replicas,
+        "shards": shards,
+        "batch": int(records[-1]["batch"]),
+        "points": int(records[-1]["points"]),
         "iterations": len(records),
         "t_iter": med["t_iter"],
-        **{key: med[key] for key in SPLIT},
-        "t_other": max(0.0, med["t_iter"] - sum(med[key] for key in SPLIT)),
-        "search_fraction": total["t_search"] / total["t_iter"],
-        "bytes_moved": bytes_moved,
-        "bytes_per_sample_per_worker": (bytes_moved - h_bytes) / (batch * workers)
-        if workers
-        else 0.0,
-        "reduce_rate": workers * batch / med["t_reduce"] if workers and med["t_reduce"] else None,
-        "samples_per_s": batch / med["t_iter"],
+        "search_seconds_per_iter": med["t_search"],
+        "driver_bytes_per_iter": med["bytes_moved"],
+        "driver_seconds_per_iter": med["t_driver_cpu"],
+        "driver_reduce_seconds_per_iter": med["t_reduce"],
+        "search_fraction": med["t_search"] / med["t_iter"] if med["t_iter"] else 0.0,
+        "bytes_bound": 32 * result.h.size * replicas + (1 << 20),
     }
 
 
@@ -201,85 +206,74 @@ def start_ray(cpus: float) -> None:
         )
 
 
+def _ints(text: str) -> list[int]:
+    return [int(float(v)) for v in text.split(",")]
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Measure every K, then fit the cost model's per-sample costs and predict."""
-    ks = [int(k) for k in args.workers.split(",")]
+    """Measure every (R, G, B), then feed the cost model and predict."""
     cpus = args.cpus or float(os.cpu_count() or 1)
-    report: dict = {"n": args.n, "dim": args.dim, "cpus": cpus, "workers": {}}
-    if any(ks):
-        start_ray(cpus)
+    report: dict = {"n": args.n, "dim": args.dim, "cpus": cpus, "lattice": args.lattice}
+    start_ray(cpus)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="dpmot-bench-fit-") as tmp:
         targets = synthetic_targets(Path(tmp) / "y.npy", args.n, args.dim, args.seed)
-        for k in ks:
-            report["workers"][str(k)] = run_workers(
-                targets,
-                k,
-                iters=args.iters,
-                warmup=args.warmup,
-                cpus=cpus,
-                args=args,
-                out=Path(tmp) / f"fit-{k}",
-            )
+        for r in _ints(args.replicas):
+            for g in _ints(args.shards):
+                for b in _ints(args.batches):
+                    out = Path(tmp) / f"fit-{r}-{g}-{b}"
+                    runs.append(run_layout(targets, r, g, b, args=args, cpus=cpus, out=out))
+    report["runs"] = runs
+    report["checks"] = checks(runs)
     report["matmul_gflops"] = matmul_gflops(args.n, args.dim)
-    batch = next(iter(report["workers"].values()))["batch"]
-    report["noise_s_per_actor"] = noise_seconds(batch, args.dim, args.chunk, 1)
-    report["driver_reduce_rate"] = driver_reduce_rate()
+    report["driver_sum_rate"] = driver_sum_rate()
     report["cost_model"] = cost_model(report, args)
     return report
 
 
+def checks(runs: list[dict]) -> dict:
+    """Driver bytes within 32·N·R + 1 MB, and within 10% across batches of one layout."""
+    within = all(r["driver_bytes_per_iter"] <= r["bytes_bound"] for r in runs)
+    spread = {}
+    for r in runs:
+        spread.setdefault((r["replicas"], r["shards"]), []).append(r["driver_bytes_per_iter"])
+    flat = all(max(v) <= 1.1 * min(v) for v in spread.values())
+    return {"driver_bytes_within_bound": within, "driver_bytes_flat_in_batch": flat}
+
+
 def cost_model(report: dict, args: argparse.Namespace) -> dict:
-    """The model fed by the remote runs' measured s and Q; predictions at 8 and 64 GPUs."""
-    remote = [r for r in report["workers"].values() if r["workers"] > 0]
-    s = max((r["bytes_per_sample_per_worker"] for r in remote), default=16.0)
-    q = report["driver_reduce_rate"]
-    model = CostModel(
-        n=args.target_n,
-        dim=args.target_dim,
-        samples_per_cell=args.target_samples_per_cell,
-        bytes_per_sample=s,
-        reduce_rate=q,
-        net_gbps=args.net_gbps,
-    )
-    rates_tflops = {"bf16": args.gpu_tflops, "fp32": args.gpu_tflops_fp32}
-    out = {
-        "formula": FORMULA,
-        "inputs": {**asdict(model), "batch": model.batch, "gpu_tflops": rates_tflops},
-        "predictions": {
-            f"{k}": {name: model.predict(k, r) for name, r in rates_tflops.items()}
-            for k in args.gpus
-        },
-    }
-    # The same model at the measured problem, with this machine's matmul rate, vs measured.
-    here = CostModel(
-        n=args.n,
-        dim=args.dim,
-        samples_per_cell=args.samples_per_cell,
-        bytes_per_sample=s,
-        reduce_rate=q,
-        net_gbps=args.net_gbps,
-    )
-    rate_here = report["matmul_gflops"] / 1e3  # all CPUs together, in TFLOP/s
-    out["check_here"] = {
-        k: {
-            "predicted_t_search": here.predict(1, rate_here)["t_search"],
-            "measured_t_search": r["t_search"],
-            "measured_t_iter": r["t_iter"],
-        }
-        for k, r in report["workers"].items()
-    }
+    """Predictions at 8, 64 and 256 GPUs (G = 1), lattice on and off, from measured inputs."""
+    lattice_overhead = (64 / 3) * 7 / (2 * args.target_dim) / args.lattice_kernel_efficiency
+    out = {"formula": FORMULA, "predictions": {}, "scaling_efficiency_8_to_64": {}}
+    for name, overhead in (("independent", 0.0), ("lattice", lattice_overhead)):
+        model = CostModel(
+            n=args.target_n,
+            dim=args.target_dim,
+            samples_per_cell=args.target_samples_per_cell,
+            sum_rate=report["driver_sum_rate"],
+            net_gbps=args.net_gbps,
+            lattice_overhead=overhead,
+        )
+        preds = {str(k): model.predict(k, args.gpu_tflops) for k in args.gpus}
+        out["predictions"][name] = preds
+        out["inputs_" + name] = {**asdict(model), "batch": model.batch, "tflops": args.gpu_tflops}
+        if "8" in preds and "64" in preds:
+            t8, t64 = preds["8"]["t_iter"], preds["64"]["t_iter"]
+            out["scaling_efficiency_8_to_64"][name] = t8 * 8 / (t64 * 64)
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", default="1,2", help="comma-separated K (0: in process)")
+    parser.add_argument("--replicas", default="1,2", help="comma-separated R")
+    parser.add_argument("--shards", default="1,2", help="comma-separated G")
+    parser.add_argument("--batches", default="16384,65536", help="comma-separated B")
     parser.add_argument("--n", type=int, default=20000, help="targets N")
-    parser.add_argument("--dim", type=int, default=256, help="dimension D")
-    parser.add_argument("--iters", type=int, default=10, help="iterations per K")
+    parser.add_argument("--dim", type=int, default=64, help="dimension D")
+    parser.add_argument("--iters", type=int, default=6, help="iterations per run")
     parser.add_argument("--warmup", type=int, default=2, help="iterations left out of medians")
-    parser.add_argument("--samples-per-cell", type=float, default=10.0, help="B = this × N")
+    parser.add_argument("--lattice", type=int, default=64, help="lattice points (0: plain)")
     parser.add_argument("--chunk", type=int, default=4096, help="source samples per search")
-    parser.add_argument("--cpus", type=float, default=None, help="CPUs shared by the K actors")
+    parser.add_argument("--cpus", type=float, default=None, help="CPUs shared by the actors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-n", type=int, default=1_280_000, help="cost model: N")
     parser.add_argument("--target-dim", type=int, default=4096, help="cost model: D")
@@ -287,10 +281,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target-samples-per-cell", type=float, default=10.0, help="cost model: B / N"
     )
     parser.add_argument(
-        "--gpus", type=lambda s: [int(v) for v in s.split(",")], default=[8, 64], help="K"
+        "--gpus", type=lambda s: [int(v) for v in s.split(",")], default=[8, 64, 256]
     )
     parser.add_argument("--gpu-tflops", type=float, default=790.0, help="one GPU, bf16")
-    parser.add_argument("--gpu-tflops-fp32", type=float, default=67.0, help="one GPU, fp32")
+    parser.add_argument(
+        "--lattice-kernel-efficiency",
+        type=float,
+        default=0.1,
+        help="the fused lattice kernel's rate ÷ the GEMM's, per flop (memory-bound scoring)",
+    )
     parser.add_argument("--net-gbps", type=float, default=100.0, help="driver bandwidth")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
@@ -298,43 +297,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     report = run(args)
     print(
-        f"N={args.n} D={args.dim} B={next(iter(report['workers'].values()))['batch']:,} "
-        f"on {report['cpus']:g} CPUs; fp32 matmul {report['matmul_gflops']:.1f} GFLOP/s"
+        f"N={args.n} D={args.dim} lattice={args.lattice} on {report['cpus']:g} CPUs; fp32 "
+        f"matmul {report['matmul_gflops']:.1f} GFLOP/s; the driver sums "
+        f"{report['driver_sum_rate']:.3g} cells/s"
     )
     print(
-        f"{'K':>3} {'t_iter s':>9} {'search':>8} {'transfer':>9} {'reduce':>8} {'other':>8} "
-        f"{'in search':>9} {'MB moved':>9} {'B/sample':>8} {'samples/s':>10}"
+        f"{'R':>2} {'G':>2} {'batch':>8} {'t_iter s':>9} {'search s':>9} {'driver s':>9} "
+        f"{'driver MB':>10} {'bound MB':>9}"
     )
-    for k, r in report["workers"].items():
+    for r in report["runs"]:
         print(
-            f"{k:>3} {r['t_iter']:9.3f} {r['t_search']:8.3f} {r['t_transfer']:9.3f} "
-            f"{r['t_reduce']:8.3f} {r['t_other']:8.3f} {r['search_fraction']:9.1%} "
-            f"{r['bytes_moved'] / 1e6:9.2f} {r['bytes_per_sample_per_worker']:8.1f} "
-            f"{r['samples_per_s']:10.3g}"
+            f"{r['replicas']:>2} {r['shards']:>2} {r['batch']:>8,d} {r['t_iter']:9.3f} "
+            f"{r['search_seconds_per_iter']:9.3f} {r['driver_seconds_per_iter']:9.3f} "
+            f"{r['driver_bytes_per_iter'] / 1e6:10.3f} {r['bytes_bound'] / 1e6:9.3f}"
         )
+    print(f"checks: {report['checks']}")
     cm = report["cost_model"]
-    ideal = next(iter(cm["check_here"].values()))["predicted_t_search"]
-    print(
-        f"search at the matmul rate would take {ideal:.3f} s; regenerating one batch of noise "
-        f"takes one thread {report['noise_s_per_actor']:.3f} s; the driver merges "
-        f"{report['driver_reduce_rate']:.3g} (sample, worker) pairs/s"
-    )
-    inputs = cm["inputs"]
     print(f"cost model: {cm['formula']}")
-    print(
-        f"  N={inputs['n']:,} D={inputs['dim']:,} B={inputs['batch']:,} "
-        f"s={inputs['bytes_per_sample']:.1f} B Q={inputs['reduce_rate']:.3g}/s "
-        f"W={inputs['net_gbps']:g} Gbit/s"
-    )
-    for k, by_rate in cm["predictions"].items():
-        for name, p in by_rate.items():
+    for name, preds in cm["predictions"].items():
+        for k, p in preds.items():
             print(
-                f"  K={k:>3} {name} ({inputs['gpu_tflops'][name]:g} TFLOP/s): "
-                f"search {p['t_search']:.2f} s + transfer {p['t_transfer']:.2f} s + "
-                f"reduce {p['t_reduce']:.2f} s = {p['t_iter_serial']:.2f} s "
-                f"(overlapped ≥ {p['t_iter_overlapped']:.2f} s; "
-                f"{p['search_fraction']:.0%} in search)"
+                f"  {name:11s} K={k:>3}: search {p['t_search']:.2f} s + transfer "
+                f"{p['t_transfer']:.3f} s + driver {p['t_driver']:.3f} s = {p['t_iter']:.2f} s "
+                f"({p['search_fraction']:.0%} in search, {p['driver_bytes_per_iter'] / 1e6:.0f} MB "
+                "into the driver)"
             )
+    print(f"  scaling efficiency 8 → 64 GPUs: {cm['scaling_efficiency_8_to_64']}")
     if args.json:
         print(json.dumps(report))
     return 0

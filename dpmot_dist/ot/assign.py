@@ -32,7 +32,8 @@ class Assignment:
     """Monte Carlo cell statistics of one batch of source samples.
 
     Attributes:
-        counts: (N,) samples whose argmax is cell i (int64), or with soft assignments the
+        counts: (N,) samples whose argmax is cell i (int32: 4 bytes a cell to ship), or with
+            soft assignments the
             summed probabilities softmax_i((⟨x, y⟩ + h) / ε) (float64).
         u_sum: Σ_x u_h(x) over the samples (float64); soft: Σ_x ε log Σ_i exp(s_i / ε).
         samples: number of samples B (points; with a lattice source, every lattice point).
@@ -134,8 +135,14 @@ def combine(parts: list[Assignment]) -> Assignment:
     samples = sum(a.samples for a in parts)
 
     def total(name: str):
-        arrays = [getattr(a, name) for a in parts]
-        return None if arrays[0] is None else np.sum(np.stack(arrays), axis=0)
+        if getattr(first, name) is None:
+            return None
+        out = getattr(first, name).astype(
+            np.float64 if first.counts.dtype.kind == "f" else np.int64
+        )
+        for a in parts[1:]:
+            out += getattr(a, name)  # in place, in order: one pass over each N-vector
+        return out
 
     def mean(name: str) -> float:
         return sum(getattr(a, name) * a.samples for a in parts) / max(1, samples)
@@ -167,7 +174,7 @@ def assignment_from_winners(
     assigner that finds the same winners returns bit-identical statistics.
     """
     values, indices = torch.as_tensor(values), torch.as_tensor(indices)
-    counts = np.bincount(indices.cpu().numpy(), minlength=n).astype(np.int64)
+    counts = np.bincount(indices.cpu().numpy(), minlength=n).astype(np.int32)
     u_sum = 0.0
     for start in range(0, len(values), chunk):
         u_sum += float(values[start : start + chunk].double().sum())
@@ -242,7 +249,7 @@ def snapshot_statistics(
     rows = torch.nonzero(~certified).flatten()
     if len(rows):
         winners[rows] = torch.as_tensor(research(rows)).to(winners.dtype)
-    a.snap_counts = np.bincount(winners.numpy(), minlength=n).astype(np.int64)
+    a.snap_counts = np.bincount(winners.numpy(), minlength=n).astype(np.int32)
     a.changed = float((winners != torch.as_tensor(indices)[:, 0]).double().mean())
     a.researched = len(rows)
     return a

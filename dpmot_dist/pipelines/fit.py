@@ -309,11 +309,12 @@ def _solve(
         state = solver.init_state(pool)
         state.source, state.calibration = asdict(pool.source), calibration
     progress = Progress(cfg.iters, state.iteration if state else 0, solver.log_every)
-    last = [time.perf_counter()]
+    last = [time.perf_counter(), time.process_time()]
 
     def on_iteration(s: SolverState, record: dict) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         record["t_iter"], last[0] = now - last[0], now
+        record["t_driver_cpu"], last[1] = cpu - last[1], cpu  # the driver process's CPU
         progress.update(record)
         if s.iteration % cfg.checkpoint_every == 0:
             checkpoint(cfg.out, s)
