@@ -7,6 +7,11 @@ solver state, written atomically every ``checkpoint_every`` iterations), ``_work
 checkpoint (also from a folder of the earlier layout, ``checkpoints/latest.npz``); since the
 noise of iteration t is a function of (seed, t), an interrupted then resumed fit ends with
 the same h as an uninterrupted one.
+
+One fit at a time writes a folder: the run holds the folder's lease
+(:class:`~dpmot_dist.io.lease.OutputLease`, ``_lease/``) from before it touches the folder
+until its outputs are written, and checks it before each checkpoint; a second fit or
+``--resume`` of the same folder refuses while the lease is live.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dpmot_dist import __version__
 from dpmot_dist.config import Config
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
+from dpmot_dist.io.lease import OutputLease
 from dpmot_dist.ot.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
 from dpmot_dist.ot.sources import LATTICE_RANK, Source, default_source
 from dpmot_dist.pipelines.shards import ShardPool
@@ -184,7 +190,17 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return None
     source = fit_source(cfg, dim)  # bad source options fail before anything is written
-    storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    with OutputLease(cfg.out) as lease:
+        storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+        result = _fit_holding(cfg, lease, nu, n, source)
+        _write_outputs(cfg, result, n, dim, source, lease)
+    return result
+
+
+def _fit_holding(
+    cfg: FitConfig, lease: OutputLease, nu: np.ndarray, n: int, source: Source
+) -> SDOTResult:
+    """The fit itself (shard pool, solver, checkpoints), run while holding the output's lease."""
     state = load_state(cfg)
     if cfg.workers:
         ensure_ray()
@@ -203,15 +219,18 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         storage.write_json_atomic(
             storage.join(cfg.out, datasets.WORKERS), {"pids": pool.pids(), "bounds": pool.bounds}
         )
-        result = _solve(cfg, pool, nu, state, n)
+        return _solve(cfg, pool, nu, state, n, lease)
     finally:
         pool.close()
-    _write_outputs(cfg, result, n, dim, source)
-    return result
 
 
 def _solve(
-    cfg: FitConfig, pool: ShardPool, nu: np.ndarray, state: SolverState | None, n: int
+    cfg: FitConfig,
+    pool: ShardPool,
+    nu: np.ndarray,
+    state: SolverState | None,
+    n: int,
+    lease: OutputLease,
 ) -> SDOTResult:
     solver = cfg.make_solver(n)
     progress = Progress(cfg.iters, state.iteration if state else 0, solver.log_every)
@@ -222,6 +241,7 @@ def _solve(
         record["t_iter"], last[0] = now - last[0], now
         progress.update(record)
         if s.iteration % cfg.checkpoint_every == 0:
+            lease.check()
             checkpoint(cfg.out, s)
 
     try:
@@ -248,7 +268,10 @@ def checkpoint(out: str, state: SolverState) -> None:
     write_metrics(out, state.metrics)
 
 
-def _write_outputs(cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source) -> None:
+def _write_outputs(
+    cfg: FitConfig, result: SDOTResult, n: int, dim: int, source: Source, lease: OutputLease
+) -> None:
+    lease.check()
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
     write_metrics(cfg.out, result.metrics)
     manifest = {

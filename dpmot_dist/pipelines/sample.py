@@ -10,8 +10,12 @@ from step M to 0 and each write one file ``chunk-00000.parquet`` atomically.
 
 A sample is a pure function of (seed, sample_id): a rerun writes only the missing chunks (no
 duplicates, no gaps), and a rerun of a finished run writes nothing. ``_manifest.json`` and
-``_SUCCESS`` come last. ``--from-noise`` skips the map and starts from N(0, s_{T−1}² I): the
-DDIM / DPM-Solver++ baselines through the same code path and layout.
+``_SUCCESS`` come last, once every chunk file is there. Two runs on one output: the plan and
+each chunk file are committed first-writer-wins; a second run of the same options adopts the
+first one's plan and both finish (each chunk written once), a run of other options refuses.
+
+``--from-noise`` skips the map and starts from N(0, s_{T−1}² I): the DDIM / DPM-Solver++
+baselines through the same code path and layout.
 """
 
 from __future__ import annotations
@@ -380,7 +384,11 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     rows = None
     if saved is None:
         plan, rows = make_plan(cfg, info)
-        write_table_atomic(storage.join(cfg.out, datasets.PLAN), plan_table(plan, cfg.seed, fp))
+        plan_uri = storage.join(cfg.out, datasets.PLAN)
+        if not write_table_atomic(plan_uri, plan_table(plan, cfg.seed, fp), exclusive=True):
+            saved = read_plan(cfg.out)  # another run's, committed first: adopt it
+            check_same_run(cfg.out, fp, saved[1])
+            plan, rows = saved[0], None
     else:
         plan = saved[0]
     t_search = time.perf_counter() - t0
@@ -414,6 +422,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     t_phase2 = time.perf_counter() - t1
 
     nfe = stats[0]["nfe"] if stats else _nfe_on_disk(cfg.out)
+    _check_all_chunks(cfg.out, n_chunks)
+    stats = [s for s in stats if s.get("committed", True)]
     written = sum(s["rows"] for s in stats)
     throughput = {
         "samples_written": written,
@@ -449,6 +459,17 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "nfe": nfe,
         **throughput,
     }
+
+
+def _check_all_chunks(out: str, n_chunks: int) -> None:
+    """Every chunk file must be there before ``_SUCCESS`` (another run may have removed some,
+    e.g. with --overwrite)."""
+    missing = sorted(set(range(n_chunks)) - datasets.written_chunks(out))
+    if missing:
+        raise DpmotError(
+            f"{storage.join(out, datasets.chunk_name(missing[0]))}: missing before the commit "
+            f"({len(missing)} chunk files; another run removed them?); rerun to write them"
+        )
 
 
 def _nfe_on_disk(out: str) -> int:
