@@ -151,7 +151,7 @@ def moto_user(
         s3fs.S3FileSystem.clear_instance_cache()
 
     try:
-        yield {"secret": key["SecretAccessKey"], "switch_on": switch_on}
+        yield {"name": name, "secret": key["SecretAccessKey"], "switch_on": switch_on}
     finally:
         _set_moto_auth(endpoint, "inf")
         s3fs.S3FileSystem.clear_instance_cache()
