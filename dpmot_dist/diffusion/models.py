@@ -342,10 +342,9 @@ def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDeno
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return _diffusers_from_folder(path, schedule, device, dtype, prediction)
     with tempfile.TemporaryDirectory(prefix="dpmot-unet-") as tmp:
-        with storage.storage_errors(uri):
-            if not fs.isdir(path):
-                raise DpmotError(f"{uri}: no such folder")
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        if not storage.retrying(uri, fs.isdir, path):
+            raise DpmotError(f"{uri}: no such folder")
+        storage.retrying(uri, fs.get, path.rstrip("/") + "/", tmp, recursive=True)
         return _diffusers_from_folder(tmp, schedule, device, dtype, prediction)
 
 
