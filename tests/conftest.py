@@ -157,13 +157,14 @@ def moto_user(
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-# A short retry policy for tests that break the store on purpose: 1 s timeouts, up to 20
-# retries 0.1–0.5 s apart (an outage of ~10 s is survived).
+# A short retry policy for tests that break the store on purpose: 1 s timeouts, up to 40
+# retries 0.1–1 s apart (an outage of ~35 s is survived: a restarted server on a loaded
+# machine can take that long to listen again).
 FAULT_POLICY = {
     "DPMOT_IO_TIMEOUT": "1",
-    "DPMOT_IO_RETRIES": "20",
+    "DPMOT_IO_RETRIES": "40",
     "DPMOT_IO_BACKOFF": "0.1",
-    "DPMOT_IO_MAX_BACKOFF": "0.5",
+    "DPMOT_IO_MAX_BACKOFF": "1",
 }
 
 

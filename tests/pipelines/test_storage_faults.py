@@ -156,6 +156,10 @@ def check_output(p: dict, out: str, job: str) -> dict:
     return a
 
 
+def _counts(a: dict) -> dict:
+    return {k: v for k, v in a.items() if k != "keys"}
+
+
 def one_line(e: BaseException | None) -> str:
     assert isinstance(e, DpmotError), repr(e)
     assert "\n" not in str(e)
@@ -169,7 +173,7 @@ def one_line(e: BaseException | None) -> str:
 @pytest.mark.parametrize("job", list(JOBS))
 @pytest.mark.parametrize("fault", FAULTS)
 def test_outage_mid_run_is_retried_and_the_job_finishes(
-    job, fault, problem, moto_process, caplog
+    job, fault, problem, moto_process, caplog, record_property
 ) -> None:
     """The store hangs / refuses for 2 s after the job committed some of its output: the job
     waits, retrying with backoff (each retry logged once), and its output is exact."""
@@ -180,17 +184,19 @@ def test_outage_mid_run_is_retried_and_the_job_finishes(
     wait_until(lambda: committed(out, job) >= 2 or not thread.is_alive(), 120, "commits")
     assert thread.is_alive(), result  # the fault lands mid-run
     assert not storage.is_success(out)
+    record_property("committed_at_fault", committed(out, job))
     moto_process.fault(fault, OUTAGE_S)
     thread.join(120)
     assert "error" not in result, result.get("error")
-    retries = [int(n) for n in re.findall(r"; retry (\d+) of 20 in", caplog.text)]
-    assert retries and retries.count(1) >= 1 and max(retries) <= 20
-    check_output(problem, out, job)
+    retries = [int(n) for n in re.findall(r"; retry (\d+) of 40 in", caplog.text)]
+    assert retries and retries.count(1) >= 1 and max(retries) <= 40
+    record_property("retries_logged", len(retries))
+    record_property("output", _counts(check_output(problem, out, job)))
 
 
 @pytest.mark.parametrize("job", list(JOBS))
 def test_outage_longer_than_the_retries_fails_with_one_line_then_a_rerun_finishes(
-    job, problem, moto_process, monkeypatch
+    job, problem, moto_process, monkeypatch, record_property
 ) -> None:
     """With 2 retries the job gives up on the first object it cannot write, naming it; nothing
     half-written is left; the same command after the store is back finishes exactly."""
@@ -204,13 +210,15 @@ def test_outage_longer_than_the_retries_fails_with_one_line_then_a_rerun_finishe
     thread.join(120)
     message = one_line(result.get("error"))
     assert message.startswith(f"{out}/") and "gave up after 3 attempts" in message
+    record_property("error", message)
     moto_process.start()  # back, with every object it had committed
     assert not storage.is_success(out)
     if job in KEYS:
         before = audit(out, KEYS[job])
         assert (before["partial"], before["duplicates"], before["temporaries"]) == (0, 0, 0)
+        record_property("before_rerun", _counts(before))
     run(make(problem, out, resume=True) if job == "fit" else make(problem, out))
-    check_output(problem, out, job)
+    record_property("output", _counts(check_output(problem, out, job)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +250,7 @@ def output_root(request: pytest.FixtureRequest, tmp_path) -> str:
     return request.getfixturevalue("s3_bucket") if request.param == "s3" else str(tmp_path)
 
 
-def test_two_sample_runs_on_one_output(problem, output_root) -> None:
+def test_two_sample_runs_on_one_output(problem, output_root, record_property) -> None:
     """Both finish (or one finds the output complete); every chunk is committed by exactly
     one of them, and the output holds each sample once."""
     out = storage.join(output_root, "samples")
@@ -254,7 +262,9 @@ def test_two_sample_runs_on_one_output(problem, output_root) -> None:
         chunks.append(int(found.group(1)) if found else 0)
         assert found or "already complete" in stdout, stdout
     assert sum(chunks) == 8  # first writer wins each chunk
+    record_property("chunks_per_writer", chunks)
     a = audit(out, "sample_id")
+    record_property("output", _counts(a))
     assert (a["rows"], a["duplicates"], a["partial"], a["temporaries"]) == (32, 0, 0, 0)
     assert a["success"]
     table = read_samples(out)[1]
@@ -263,7 +273,7 @@ def test_two_sample_runs_on_one_output(problem, output_root) -> None:
     np.testing.assert_allclose(x, ref, atol=1e-5)  # other thread counts: last bits may differ
 
 
-def test_two_prepare_runs_on_one_output(problem, output_root) -> None:
+def test_two_prepare_runs_on_one_output(problem, output_root, record_property) -> None:
     """Both finish, or the second finds a complete output and refuses with one line; the
     targets are exactly the fault-free run's, each row once."""
     out = storage.join(output_root, "targets")
@@ -274,6 +284,8 @@ def test_two_prepare_runs_on_one_output(problem, output_root) -> None:
         if rc != 0:
             assert rc == 2 and stderr.count("\n") == 1 and "output exists (a complete" in stderr
     a = audit(out, "index")
+    record_property("exit_codes", [rc for rc, _, _ in runs])
+    record_property("output", _counts(a))
     assert (a["rows"], a["duplicates"], a["partial"], a["temporaries"]) == (500, 0, 0, 0)
     assert a["success"] and a["files"] == 100
     np.testing.assert_array_equal(datasets.load_targets(out), problem["ref_targets"])
@@ -366,7 +378,9 @@ def set_policy(moto_user: dict, document: str) -> None:
     )
 
 
-def test_sample_credentials_revoked_between_two_chunks(problem, s3_bucket, moto_user) -> None:
+def test_sample_credentials_revoked_between_two_chunks(
+    problem, s3_bucket, moto_user, record_property
+) -> None:
     """The user's policy loses s3:PutObject after two chunks (as when a token expires): the run
     stops with one line naming the chunk, nothing half-written; with the policy back, the same
     command writes the rest."""
@@ -381,6 +395,8 @@ def test_sample_credentials_revoked_between_two_chunks(problem, s3_bucket, moto_
         rf"{out}/chunk-\d{{5}}\.parquet: access denied \(check AWS credentials.*\)", message
     )
     a = audit(out, "sample_id")
+    record_property("error", message)
+    record_property("at_denial", _counts(a))
     assert a["rows"] == 4 * a["files"] and a["rows"] >= 8 and a["duplicates"] == 0
     assert (a["partial"], a["temporaries"], a["success"]) == (0, 0, False)
     set_policy(moto_user, ALLOW_ALL)
