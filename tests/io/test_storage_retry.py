@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import threading
 import time
@@ -223,29 +224,33 @@ def test_create_exclusive_under_a_hang_counts_our_own_late_put(moto_process) -> 
     assert not storage.create_exclusive(uri, b"theirs")
 
 
-def test_local_temp_removed_by_another_run_is_written_again(tmp_path) -> None:
-    """A concurrent run's sweep of stale temporary files does not break this run's write."""
+def test_stale_temporaries_are_swept(tmp_path) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / ".part-00001.parquet.tmp-dead").write_bytes(b"a killed run's leftover")
     (folder / "part-00000.parquet").write_bytes(b"kept")
     assert storage.remove_stale_temps(str(folder)) == 1
     assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet"]
-    stop = threading.Event()
 
-    def sweeper() -> None:
-        while not stop.is_set():
-            storage.remove_stale_temps(str(folder))
 
-    sweeping = threading.Thread(target=sweeper)
-    sweeping.start()
-    try:
-        for k in range(50):
-            storage.write_bytes_atomic(str(folder / f"f{k}.bin"), bytes([k]) * 100_000)
-    finally:
-        stop.set()
-        sweeping.join()
-    assert all((folder / f"f{k}.bin").read_bytes() == bytes([k]) * 100_000 for k in range(50))
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_local_temp_swept_by_another_run_is_written_again(tmp_path, monkeypatch, exclusive):
+    """Another run's sweep (remove_stale_temps at its start) removes this run's temporary file
+    between its write and its rename / link: the write is done again."""
+    folder, swept = tmp_path / "out", []
+    name = "link" if exclusive else "rename"
+    real = getattr(os, name)
+
+    def after_a_sweep(src, dst, *args, **kwargs):
+        if not swept:
+            swept.append(storage.remove_stale_temps(str(folder)))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, name, after_a_sweep)
+    write = storage.create_exclusive if exclusive else storage.write_bytes_atomic
+    write(str(folder / "f.bin"), b"payload")
+    assert swept == [1] and (folder / "f.bin").read_bytes() == b"payload"
+    assert sorted(p.name for p in folder.iterdir()) == ["f.bin"]
 
 
 def test_prepare_output_keeps_the_lease(tmp_path) -> None:
