@@ -271,7 +271,9 @@ def read_plan(out: str) -> tuple[MapPlan, dict] | None:
     if uri is None:
         return None
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        # one thread: a run that refuses right after this read exits while Arrow's pool
+        # threads start, which can abort the exit (apache/arrow#34314)
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), use_threads=False)
         fp = json.loads(table.schema.metadata[b"dpmot.fingerprint"])
         cols = {c: table.column(c).to_numpy() for c in ("ot_index", "partner", "weight")}
     except (pa.ArrowException, KeyError, ValueError) as e:
