@@ -173,16 +173,14 @@ class OutputLease:
 
     def renew(self) -> None:
         """Push the expiry ttl seconds ahead (the holder's own file; nobody else writes it)."""
-        if self.lost is not None:
-            return
         now = time.time()
-        self._check_held(now)
-        if self.lost is not None:
-            return
-        record = self._record(now)
         try:
+            self._check_held(now)
+            if self.lost is not None:
+                return
+            record = self._record(now)
             storage.write_bytes_atomic(self._uri(self.generation), _dump(record))
-        except DpmotError as e:
+        except DpmotError as e:  # the store is down: the next renewal may succeed
             logger.warning("lease renewal failed (%s); next try in %.0f s", e, self.ttl / 4)
             return
         self.expires = record["expires"]
