@@ -294,13 +294,15 @@ def url_to_fs(uri: Uri) -> tuple[AbstractFileSystem, str]:
     """Return the fsspec filesystem and the protocol-less path for ``uri``.
 
     S3 filesystems get the policy's connect/read timeouts and no retries of their own
-    (neither s3fs's nor botocore's): :func:`retrying` is the one retry loop.
+    (neither s3fs's nor botocore's): :func:`retrying` is the one retry loop. They keep no
+    listings cache: another run may have written an object since we last listed its folder.
     """
     uri = os.fspath(uri)
     protocol = fsspec.core.split_protocol(uri)[0]
     try:
         if protocol in ("s3", "s3a"):
-            fs, path = fsspec.core.url_to_fs(uri, config_kwargs=_s3_config(protocol))
+            options = {"config_kwargs": _s3_config(protocol), "use_listings_cache": False}
+            fs, path = fsspec.core.url_to_fs(uri, **options)
             fs.retries = 1  # s3fs's own loop: one attempt
             return fs, path
         return fsspec.core.url_to_fs(uri)
