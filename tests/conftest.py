@@ -151,7 +151,43 @@ def moto_user(
         s3fs.S3FileSystem.clear_instance_cache()
 
     try:
-        yield {"secret": key["SecretAccessKey"], "switch_on": switch_on}
+        yield {"name": name, "secret": key["SecretAccessKey"], "switch_on": switch_on}
     finally:
         _set_moto_auth(endpoint, "inf")
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# A short retry policy for tests that break the store on purpose: 1 s timeouts, up to 40
+# retries 0.1–1 s apart (an outage of ~35 s is survived: a restarted server on a loaded
+# machine can take that long to listen again).
+FAULT_POLICY = {
+    "DPMOT_IO_TIMEOUT": "1",
+    "DPMOT_IO_RETRIES": "40",
+    "DPMOT_IO_BACKOFF": "0.1",
+    "DPMOT_IO_MAX_BACKOFF": "1",
+}
+
+
+@pytest.fixture
+def moto_process(
+    s3_server: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator:
+    """A moto S3 server in a process of its own (``storefaults.MotoProcess``) that the test may
+    pause, kill and bring back with its objects; AWS_ENDPOINT_URL points at it, the bucket
+    ``faults`` exists (``proc.bucket``) and the retry policy is :data:`FAULT_POLICY`."""
+    import boto3
+    from storefaults import MotoProcess
+
+    proc = MotoProcess(tmp_path)
+    proc.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proc.endpoint)
+    for name, value in FAULT_POLICY.items():
+        monkeypatch.setenv(name, value)
+    boto3.client("s3", endpoint_url=proc.endpoint).create_bucket(Bucket="faults")
+    proc.bucket = "s3://faults"
+    clear_s3fs_cache()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        clear_s3fs_cache()

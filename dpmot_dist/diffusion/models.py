@@ -506,12 +506,12 @@ def _load_diffusers(uri: str, schedule, device, dtype, prediction) -> ModuleDeno
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return _diffusers_from_folder(path, schedule, device, dtype, prediction)
     with tempfile.TemporaryDirectory(prefix="dpmot-unet-") as tmp:
-        with storage.storage_errors(uri):
-            if not fs.isdir(path):
-                raise DpmotError(f"{uri}: no such folder")
-            root = path.rstrip("/")
-            for part in _needed_parts(fs, root):
-                fs.get(f"{root}/{part}/" if part else f"{root}/", f"{tmp}/{part}", recursive=True)
+        if not storage.retrying(uri, fs.isdir, path):
+            raise DpmotError(f"{uri}: no such folder")
+        root = path.rstrip("/")
+        for part in _needed_parts(fs, root):
+            src = f"{root}/{part}/" if part else f"{root}/"
+            storage.retrying(uri, fs.get, src, f"{tmp}/{part}", recursive=True)
         return _diffusers_from_folder(tmp, schedule, device, dtype, prediction)
 
 

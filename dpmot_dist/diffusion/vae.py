@@ -142,8 +142,7 @@ def _load_vae(
     local = path if isinstance(fs, LocalFileSystem) else tempfile.mkdtemp(prefix="dpmot-vae-")
     if local != path:
         atexit.register(shutil.rmtree, local, ignore_errors=True)
-        with storage.storage_errors(uri):
-            fs.get(path.rstrip("/") + "/", local, recursive=True)
+        storage.retrying(uri, fs.get, path.rstrip("/") + "/", local, recursive=True)
     try:
         vae = AutoencoderKL.from_pretrained(local, torch_dtype=dtype)
     except (OSError, ValueError, TypeError) as e:

@@ -24,6 +24,7 @@ the current name first, then the legacy one.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import re
@@ -41,19 +42,24 @@ from dpmot_dist.io.storage import (
     Uri,
     WatchedFile,
     corrupt_error,
+    create_exclusive,
     exists,
     is_success,
     join,
+    list_names,
     load_npy,
     mark_success,
     read_bytes,
     read_json,
     remove_quietly,
+    retrying,
     storage_errors,
     url_to_fs,
     write_bytes_atomic,
     write_json_atomic,
 )
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 PLAN = "_plan/plan.parquet"
@@ -140,12 +146,15 @@ def write_targets_part(
     y_block: np.ndarray,
     dtype: str = "float32",
     labels: np.ndarray | None = None,
+    exclusive: bool = False,
 ) -> dict[str, Any]:
     """Write rows ``start .. start + len(y_block)`` as one Parquet part; return its manifest entry.
 
     Columns: ``index`` (int64, global row number), ``y`` (fixed_size_list<dtype>[D]) and,
     given ``labels`` (one per row), ``label`` (int64). Parts can be written in parallel (e.g.
     by Ray tasks); the driver then calls :func:`write_targets_manifest` with the entries.
+    ``exclusive``: keep a part that another run of the same plan wrote first
+    (:func:`~dpmot_dist.io.storage.create_exclusive`).
     """
     uri = os.fspath(folder_uri)
     _check_dtype(uri, dtype)
@@ -164,7 +173,11 @@ def write_targets_part(
     group_rows = max(1, _GROUP_BYTES // (dim * np.dtype(dtype).itemsize))
     pq.write_table(table, sink, row_group_size=group_rows, use_dictionary=False)
     name = part_name(part_no)
-    write_bytes_atomic(join(uri, name), sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    if not exclusive:
+        write_bytes_atomic(join(uri, name), data)
+    elif not create_exclusive(join(uri, name), data):
+        logger.info("%s: already written by another run; kept", join(uri, name))
     return {"path": name, "rows": int(rows), "start": int(start)}
 
 
@@ -369,9 +382,7 @@ class _NpyHeader:
 def _read_npy_header(uri: str) -> _NpyHeader:
     """Read and check only the header of a ``.npy`` targets file (and its size)."""
     fs, path = url_to_fs(uri)
-    with storage_errors(uri):
-        size = fs.size(path)
-        head = fs.cat_file(path, start=0, end=min(size, _NPY_HEAD_BYTES))
+    size, head = retrying(uri, _file_head, fs, path)
     buf = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(buf)
@@ -384,6 +395,12 @@ def _read_npy_header(uri: str) -> _NpyHeader:
     header = _NpyHeader(tuple(shape), dtype, fortran_order, buf.tell())
     _check_npy_header(uri, header, size)
     return header
+
+
+def _file_head(fs: Any, path: str) -> tuple[int, bytes]:
+    """A file's size and its first bytes (enough for a header)."""
+    size = fs.size(path)
+    return size, fs.cat_file(path, start=0, end=min(size, _NPY_HEAD_BYTES))
 
 
 def _check_npy_header(uri: str, h: _NpyHeader, size: int) -> None:
@@ -408,10 +425,9 @@ def _load_npy_rows(uri: str, start: int, stop: int | None) -> np.ndarray:
         return rows.astype(np.float32)
     row_bytes = dim * h.dtype.itemsize
     fs, path = url_to_fs(uri)
-    with storage_errors(uri):
-        data = fs.cat_file(
-            path, start=h.offset + start * row_bytes, end=h.offset + stop * row_bytes
-        )
+    data = retrying(
+        uri, fs.cat_file, path, start=h.offset + start * row_bytes, end=h.offset + stop * row_bytes
+    )
     if len(data) != (stop - start) * row_bytes:
         expected = (stop - start) * row_bytes
         raise corrupt_error(uri, "npy", f"expected {expected} bytes, got {len(data)}")
@@ -477,17 +493,22 @@ def _table_rows(part_uri: str, table: pa.Table, lo: int, dim: int) -> np.ndarray
 
 
 def _read_part_rows(part_uri: str, part: _Part, lo: int, hi: int, dim: int) -> np.ndarray:
-    """Global rows ``[lo, hi)`` stored in ``part``, read with pyarrow over fsspec."""
+    """Global rows ``[lo, hi)`` stored in ``part``, read with pyarrow over fsspec (the whole
+    read is retried after a transient storage failure)."""
+    table = retrying(part_uri, _read_part_table, part_uri, part, lo, hi, dim)
+    return _table_rows(part_uri, table, lo, dim)
+
+
+def _read_part_table(part_uri: str, part: _Part, lo: int, hi: int, dim: int) -> pa.Table:
     fs, path = url_to_fs(part_uri)
-    with storage_errors(part_uri), fs.open(path, "rb") as raw:
+    with fs.open(path, "rb") as raw:
         f = WatchedFile(raw)
         try:
-            table = _part_table(part_uri, f, part, lo, hi, dim)
+            return _part_table(part_uri, f, part, lo, hi, dim)
         except (pa.ArrowException, OSError) as e:
             if e is f.error:
-                raise  # a storage failure: storage_errors translates it
+                raise  # a storage failure: retrying translates (and maybe retries) it
             raise corrupt_error(part_uri, "Parquet", e) from e
-    return _table_rows(part_uri, table, lo, dim)
 
 
 def _load_dataset_rows(uri: str, start: int, stop: int | None) -> np.ndarray:
@@ -601,11 +622,7 @@ def chunk_name(c: int) -> str:
 
 def written_chunks(folder_uri: Uri) -> set[int]:
     """Numbers of the chunk files present in a samples folder (each written atomically)."""
-    fs, path = url_to_fs(folder_uri)
-    with storage_errors(os.fspath(folder_uri)):
-        fs.invalidate_cache(path)
-        names = fs.ls(path, detail=False) if fs.exists(path) else []
-    return {int(m.group(1)) for p in names if (m := _CHUNK_RE.search(p.rsplit("/", 1)[-1]))}
+    return {int(m.group(1)) for name in list_names(folder_uri) if (m := _CHUNK_RE.match(name))}
 
 
 def manifest_kind(folder_uri: Uri) -> str | None:

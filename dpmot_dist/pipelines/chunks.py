@@ -16,7 +16,8 @@ A class-conditional model is called with each sample's label (and classifier-fre
 
 :func:`run_local` and :func:`run_ray` hand the chunks to the workers; a chunk whose actor dies
 goes back to the queue. Since a sample is a pure function of (seed, sample_id), a chunk
-written twice holds the same rows.
+written twice holds the same rows; a chunk file is committed first-writer-wins, so of two runs
+writing one output the first to finish a chunk keeps it.
 """
 
 from __future__ import annotations
@@ -106,10 +107,15 @@ def chunk_table(
     return pa.table(cols)
 
 
-def write_table_atomic(uri: str, table: pa.Table) -> None:
+def write_table_atomic(uri: str, table: pa.Table, exclusive: bool = False) -> bool:
+    """Write a Parquet file atomically; ``exclusive``: only if no other run wrote it first
+    (:func:`~dpmot_dist.io.storage.create_exclusive`). True when this call wrote it."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
+    if exclusive:
+        return storage.create_exclusive(uri, sink.getvalue().to_pybytes())
     storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+    return True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,10 +231,14 @@ class ChunkWriter:
         table = chunk_table(
             sample_ids, self.job.seed, ot_index, nfe, x, self.job.png, images=images, labels=labels
         )
-        write_table_atomic(storage.join(self.job.out, datasets.chunk_name(chunk)), table)
+        uri = storage.join(self.job.out, datasets.chunk_name(chunk))
+        committed = write_table_atomic(uri, table, exclusive=True)
+        if not committed:
+            log.info("%s: already written by another run; kept", uri)
         t3 = time.perf_counter()
         return {
             "chunk": chunk,
+            "committed": committed,
             "rows": len(sample_ids),
             "nfe": nfe,
             "t_gen": t1 - t0,

@@ -11,6 +11,11 @@ the same h as an uninterrupted one.
 ``--by-label`` fits one potential per class of labelled targets instead, in parallel
 (:mod:`dpmot_dist.pipelines.label_fit`): ``h.npy`` still holds N values in target order, and
 ``_labels.json`` each class's summary.
+
+One fit at a time writes a folder: the run holds the folder's lease
+(:class:`~dpmot_dist.io.lease.OutputLease`, ``_lease/``) from before it touches the folder
+until its outputs are written, and checks it before each checkpoint; a second fit or
+``--resume`` of the same folder refuses while the lease is live.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dpmot_dist import __version__
 from dpmot_dist.config import Config
 from dpmot_dist.errors import DpmotError
 from dpmot_dist.io import datasets, storage
+from dpmot_dist.io.lease import OutputLease
 from dpmot_dist.ot.calibrate import calibrate, candidate_sources
 from dpmot_dist.ot.solver import SDOTResult, SDOTSolver, SolverState, uniform_weights
 from dpmot_dist.ot.sources import LATTICE_RANK, Source, default_source
@@ -233,14 +239,32 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
         log.info("%s is complete (_SUCCESS present); nothing to do", cfg.out)
         return None
     source = fit_source(cfg, dim)  # bad source options fail before anything is written
-    if cfg.by_label:
-        result, classes = run_label_fits(cfg, source)
-        storage.write_json_atomic(storage.join(cfg.out, LABELS_FILE), {"labels": classes})
-        extra = {"by_label": True, "classes": len(classes), "labels_file": LABELS_FILE}
-        _write_outputs(cfg, result, n, dim, source, extra=extra)
-        return result
     replicas, shards = fit_layout(cfg, n, dim)
-    storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+    with OutputLease(cfg.out) as lease:
+        if cfg.by_label:
+            result, classes = run_label_fits(cfg, source)
+            storage.write_json_atomic(storage.join(cfg.out, LABELS_FILE), {"labels": classes})
+            extra = {"by_label": True, "classes": len(classes), "labels_file": LABELS_FILE}
+            _write_outputs(cfg, result, n, dim, source, lease, extra=extra)
+            return result
+        storage.prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume)
+        result, used, calibration = _fit_holding(cfg, lease, nu, n, dim, source, replicas, shards)
+        _write_outputs(cfg, result, n, dim, used, lease, calibration=calibration)
+    return result
+
+
+def _fit_holding(
+    cfg: FitConfig,
+    lease: OutputLease,
+    nu: np.ndarray,
+    n: int,
+    dim: int,
+    source: Source,
+    replicas: int,
+    shards: int,
+) -> tuple[SDOTResult, Source, dict]:
+    """The fit itself (shard pool, source, solver, checkpoints), run while holding the
+    output's lease; returns the result, the source that ran and its calibration."""
     state = load_state(cfg)
     if replicas * shards > 0:
         ensure_ray()
@@ -260,11 +284,10 @@ def run_fit(cfg: FitConfig) -> SDOTResult | None:
     try:
         storage.write_json_atomic(storage.join(cfg.out, datasets.WORKERS), pool.layout())
         calibration = choose_source(cfg, pool, state, n, dim)
-        result = _solve(cfg, pool, nu, state, n, calibration)
+        result = _solve(cfg, pool, nu, state, n, calibration, lease)
+        return result, pool.source, calibration
     finally:
         pool.close()
-    _write_outputs(cfg, result, n, dim, pool.source, calibration)
-    return result
 
 
 def fit_layout(cfg: FitConfig, n: int, dim: int) -> tuple[int, int]:
@@ -303,6 +326,7 @@ def _solve(
     state: SolverState | None,
     n: int,
     calibration: dict,
+    lease: OutputLease,
 ) -> SDOTResult:
     solver = cfg.make_solver(n)
     if state is None:
@@ -317,6 +341,7 @@ def _solve(
         record["t_driver_cpu"], last[1] = cpu - last[1], cpu  # the driver process's CPU
         progress.update(record)
         if s.iteration % cfg.checkpoint_every == 0:
+            lease.check()
             checkpoint(cfg.out, s)
 
     try:
@@ -385,9 +410,11 @@ def _write_outputs(
     n: int,
     dim: int,
     source: Source,
+    lease: OutputLease,
     calibration: dict | None = None,
     extra: dict | None = None,
 ) -> None:
+    lease.check()
     storage.save_npy(storage.join(cfg.out, "h.npy"), result.h)
     write_metrics(cfg.out, with_evaluation(result))
     manifest = {

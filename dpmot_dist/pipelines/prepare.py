@@ -33,6 +33,12 @@ range it is read as (``scale`` chooses explicitly); latents (flat rows, ``layout
 channels other than 1 or 3) are never rescaled. Image files are decoded as RGB unless every
 file is greyscale (``mode`` L or RGB chooses).
 
+Two runs on one output: the plan and every part are committed first-writer-wins
+(:func:`~dpmot_dist.io.storage.create_exclusive`). A second run of the same plan works as a
+rerun next to the first (a part the other committed first is kept), so both finish with each
+row exactly once; a run of another plan refuses. Reads of the input are retried after
+transient storage failures (:func:`~dpmot_dist.io.storage.retrying`).
+
 VAE latents: with ``vae=DIR`` (a diffusers ``AutoencoderKL`` folder, or a pipeline folder with
 a ``vae/`` subfolder; any fsspec URI) images are scaled to the model range first (use
 ``scale`` ``minus1_1``/``auto`` for [−1, 1]) and x_0 = scaling_factor · (E[q(z|x)] −
@@ -57,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import Field, model_validator
@@ -257,11 +264,16 @@ def prepare_block(
 ) -> dict:
     """Read, transform and diffuse one block; write it as part ``part_no``; return its entry.
 
-    ``labels`` (block.rows,) are the block's class ids; each copy of a row keeps its label.
+    ``labels`` (block.rows,) are the block's class ids; each copy of a row keeps its label. The
+    read is retried after transient storage failures; a part another run of the same plan
+    committed first is kept.
     """
-    y = t.diffuse(t.x0(source.read(block), block), block.start)
+    raw = storage.retrying(block.obj, source.read, block)
+    y = t.diffuse(t.x0(raw, block), block.start)
     copies = None if labels is None else np.repeat(labels, t.copies)
-    return datasets.write_targets_part(out, part_no, block.start * t.copies, y, t.dtype, copies)
+    return datasets.write_targets_part(
+        out, part_no, block.start * t.copies, y, t.dtype, copies, exclusive=True
+    )
 
 
 def make_transform(cfg: PrepareConfig, source: Source) -> Transform:
@@ -349,53 +361,59 @@ def _open_output(
         storage.prepare_output(out, overwrite=True)
     elif storage.is_success(out):
         raise DpmotError(f"{out}: output exists (a complete targets data set); pass --overwrite")
-    elif storage.exists(plan_uri):
-        if storage.read_json(plan_uri) != record:
-            raise DpmotError(
-                f"{out}: holds an unfinished prepare of other data or options; "
-                "pass --overwrite to start again"
-            )
-        done = _completed_parts(out, blocks, record["config"]["copies"])
-        logger.info("resuming %s: %d of %d parts already written", out, len(done), len(blocks))
-        return done
-    elif _has_content(out):
+    elif PLAN not in (names := _visible_names(out)) and names:
         raise DpmotError(f"{out}: output exists and is not a prepare output; pass --overwrite")
-    storage.write_json_atomic(plan_uri, record)
-    return {}
+    text = (json.dumps(record, indent=2) + "\n").encode()
+    if storage.create_exclusive(plan_uri, text):
+        return {}
+    if storage.read_json(plan_uri) != record:  # a previous run's plan or a concurrent run's
+        raise DpmotError(
+            f"{out}: holds an unfinished prepare of other data or options; "
+            "pass --overwrite to start again"
+        )
+    done = _completed_parts(out, blocks, record["config"]["copies"])
+    logger.info("resuming %s: %d of %d parts already written", out, len(done), len(blocks))
+    return done
 
 
-def _has_content(uri: str) -> bool:
-    fs, path = storage.url_to_fs(uri)
-    with storage.storage_errors(uri):
-        fs.invalidate_cache(path)
-        return fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path, detail=False)))
+def _visible_names(out: str) -> set[str]:
+    """The output folder's entries, without temporary files (another run's, in flight)."""
+    return {name for name in storage.list_names(out) if not name.startswith(".")}
 
 
 def _completed_parts(out: str, blocks: list[Block], copies: int) -> dict[int, dict]:
-    """Parts whose file holds the planned rows; stale temporary files are removed."""
-    fs, path = storage.url_to_fs(out)
-    with storage.storage_errors(out):
-        fs.invalidate_cache(path)
-        names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        for name in names:
-            if name.startswith(".") and ".tmp-" in name:
-                fs.rm_file(f"{path}/{name}")
+    """Parts whose file holds the planned rows; stale temporary files and unreadable parts
+    (to be written again) are removed."""
+    storage.remove_stale_temps(out)
+    names = set(storage.list_names(out))
     done = {}
     for k, b in enumerate(blocks):
-        name = datasets.part_name(k)
-        if name in names and _part_rows(storage.join(out, name)) == b.rows * copies:
-            done[k] = {"path": name, "rows": b.rows * copies, "start": b.start * copies}
+        name, uri = datasets.part_name(k), storage.join(out, datasets.part_name(k))
+        rows = _part_rows(uri) if name in names else None
+        if rows == b.rows * copies:
+            done[k] = {"path": name, "rows": rows, "start": b.start * copies}
+        elif name in names:
+            logger.warning("%s: unreadable or not the planned rows; writing it again", uri)
+            storage.remove(uri)
     return done
 
 
 def _part_rows(uri: str) -> int | None:
-    """Rows in a Parquet part's footer, or None when it cannot be read."""
+    """Rows in a Parquet part's footer, or None when it is not a readable Parquet file
+    (storage failures raise, after retries)."""
     fs, path = storage.url_to_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
+    return storage.retrying(uri, _footer_rows, fs, path)
+
+
+def _footer_rows(fs: Any, path: str) -> int | None:
+    with fs.open(path, "rb") as raw:
+        f = storage.WatchedFile(raw)
+        try:
             return pq.ParquetFile(f).metadata.num_rows
-    except Exception:  # any unreadable part is simply written again
-        return None
+        except (pa.ArrowException, OSError) as e:
+            if e is f.error:
+                raise  # a storage failure
+            return None
 
 
 def _manifest_extra(
@@ -513,7 +531,7 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     message on bad input, a bad output folder or storage failures (also from Ray tasks).
     """
     t0 = time.perf_counter()
-    source = open_source(cfg.data, cfg.column, cfg.image_size, cfg.mode)
+    source = storage.retrying(cfg.data, open_source, cfg.data, cfg.column, cfg.image_size, cfg.mode)
     t = make_transform(cfg, source)
     no_labels = (cfg.label_column or "").lower() == "none"
     labels = None if no_labels else read_labels(source, cfg.label_column)

@@ -24,6 +24,11 @@ Latent targets (``prepare --vae``) are decoded to images by the same Autoencoder
 workers (``--vae`` names another one, ``--vae none`` keeps only the latents): ``x`` holds the
 refined latent and ``png`` the decoded image, whose shape the manifest gives as
 ``image_shape``.
+
+Two runs on one output: the plan and each chunk file are committed first-writer-wins; a
+second run of the same options adopts the first one's plan and both finish (each chunk
+written once), a run of other options refuses. ``_SUCCESS`` comes once every chunk file is
+there.
 """
 
 from __future__ import annotations
@@ -404,7 +409,9 @@ def read_plan(out: str) -> tuple[MapPlan, dict, np.ndarray | None] | None:
     if uri is None:
         return None
     try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        # one thread: a run that refuses right after this read exits while Arrow's pool
+        # threads start, which can abort the exit (apache/arrow#34314)
+        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), use_threads=False)
         fp = json.loads(table.schema.metadata[b"dpmot.fingerprint"])
         cols = {c: table.column(c).to_numpy() for c in ("ot_index", "partner", "weight")}
         labels = table.column("label").to_numpy() if "label" in table.column_names else None
@@ -536,8 +543,12 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         first = classes_first(cfg, info)
         plan, rows = make_plan(cfg, info, first)
         labels = plan_labels(info, plan, first)
+        plan_uri = storage.join(cfg.out, datasets.PLAN)
         table = plan_table(plan, cfg.seed, fp, labels)
-        write_table_atomic(storage.join(cfg.out, datasets.PLAN), table)
+        if not write_table_atomic(plan_uri, table, exclusive=True):
+            saved = read_plan(cfg.out)  # another run's, committed first: adopt it
+            check_same_run(cfg.out, fp, saved[1])
+            (plan, _, labels), rows = saved, None
     else:
         plan, _, labels = saved
     t_search = time.perf_counter() - t0
@@ -575,6 +586,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     t_phase2 = time.perf_counter() - t1
 
     nfe = stats[0]["nfe"] if stats else _nfe_on_disk(cfg.out)
+    _check_all_chunks(cfg.out, n_chunks)
+    stats = [s for s in stats if s.get("committed", True)]
     written = sum(s["rows"] for s in stats)
     worker_seconds = sum(s["t_gen"] + s["t_decode"] + s["t_write"] for s in stats)
     decode_fraction = sum(s["t_decode"] for s in stats) / max(worker_seconds, 1e-9)
@@ -616,6 +629,17 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         "nfe": nfe,
         **throughput,
     }
+
+
+def _check_all_chunks(out: str, n_chunks: int) -> None:
+    """Every chunk file must be there before ``_SUCCESS`` (another run may have removed some,
+    e.g. with --overwrite)."""
+    missing = sorted(set(range(n_chunks)) - datasets.written_chunks(out))
+    if missing:
+        raise DpmotError(
+            f"{storage.join(out, datasets.chunk_name(missing[0]))}: missing before the commit "
+            f"({len(missing)} chunk files; another run removed them?); rerun to write them"
+        )
 
 
 def _nfe_on_disk(out: str) -> int:
