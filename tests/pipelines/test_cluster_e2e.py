@@ -78,7 +78,9 @@ def test_submit_fit_job_matches_single_process(ray_head: Head, tmp_path: Path, r
         assert all(np.isfinite(r[key]) for r in records), key
     assert all(r["bytes_moved"] > 0 for r in records)
     workers = json.loads((out / "_workers.json").read_text())
-    assert len(workers["pids"]) == 2 and os.getpid() not in workers["pids"]
+    # --workers 2: one group of 2 shards and its reducer
+    assert (workers["replicas"], workers["shards"], len(workers["pids"])) == (1, 2, 3)
+    assert os.getpid() not in workers["pids"]
 
     single = FitConfig(
         targets=str(targets), out=str(tmp_path / "single"), workers=0, iters=10, seed=3
