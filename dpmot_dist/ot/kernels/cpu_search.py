@@ -47,7 +47,8 @@ else:
         numba.config.THREADING_LAYER = "workqueue"
 
 BLOCK = 1024  # targets scored per block in topc_lattice (its rows stay in L1)
-SPAN = 32  # scores per span whose maximum decides whether the span is scanned
+SPAN = 64  # scores per span whose maximum decides whether the span is scanned
+ROWS = 64  # rows of a score tile per parallel task (their scratch space allocated once)
 
 
 def available() -> bool:
@@ -113,6 +114,8 @@ if numba is not None:
                 top[q] = mx
         keyf[0] = bv[c - 1]
         floor = max(_ordered(keyi[0]), top[c - 1])
+        keyi[0] = _ordered(floor)  # the floor's score: no score below it can be a winner
+        least = keyf[0]
         thr = bv[c - 1]
         for s in range(spans):
             if maxima[s] < floor:
@@ -121,25 +124,27 @@ if numba is not None:
             span = buf[lo : min(n, lo + SPAN)]
             for t in range(len(span)):
                 v = span[t]
-                if v > thr:
+                if v > thr and v >= least:
                     _insert(bv, bi, v, t0 + lo + t)
                     thr = bv[c - 1]
 
     @njit(parallel=True, cache=True)
     def topc_rows(s, t0, best_v, best_i):
-        """Merge the (B, T) score tile of targets t0..t0+T into the (B, c) running lists."""
-        width = s.shape[1]
+        """Merge the (B, T) score tile of targets t0..t0+T into the (B, c) running lists
+        (rows in parallel, in groups of ROWS so that scratch space is allocated per group)."""
+        n_rows, width = s.shape
         bits = s.view(np.int32)
-        for b in prange(s.shape[0]):
+        for grp in prange((n_rows + ROWS - 1) // ROWS):
             maxima = np.empty(BLOCK // SPAN + 1, np.int32)
             top = np.empty(best_v.shape[1], np.int32)
             keyf = np.empty(1, np.float32)
             keyi = keyf.view(np.int32)
-            for b0 in range(0, width, BLOCK):
-                n = min(BLOCK, width - b0)
-                spans = _span_maxima(bits[b, b0 : b0 + n], n, maxima)
-                row = s[b, b0 : b0 + n]
-                _scan(row, n, maxima, spans, t0 + b0, best_v[b], best_i[b], top, keyf, keyi)
+            for b in range(grp * ROWS, min(n_rows, (grp + 1) * ROWS)):
+                for b0 in range(0, width, BLOCK):
+                    n = min(BLOCK, width - b0)
+                    spans = _span_maxima(bits[b, b0 : b0 + n], n, maxima)
+                    row = s[b, b0 : b0 + n]
+                    _scan(row, n, maxima, spans, t0 + b0, best_v[b], best_i[b], top, keyf, keyi)
 
     @njit(parallel=True, cache=True)
     def topc_lattice(a, coef, h, t0, best_v, best_i):
