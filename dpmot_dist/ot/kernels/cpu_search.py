@@ -49,6 +49,7 @@ else:
 BLOCK = 1024  # targets scored per block in topc_lattice (its rows stay in L1)
 SPAN = 64  # scores per span whose maximum decides whether the span is scanned
 ROWS = 64  # rows of a score tile per parallel task (their scratch space allocated once)
+PARALLEL_WORK = 1 << 21  # scores (or multiply-adds) from which a kernel call runs in parallel
 
 
 def available() -> bool:
@@ -59,6 +60,24 @@ def available() -> bool:
 def empty_topc(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
     """Empty running lists: values −inf (float32), indices −1 (int64), each (rows, c)."""
     return np.full((rows, c), -np.inf, np.float32), np.full((rows, c), -1, np.int64)
+
+
+def _parallel_or_serial(work):
+    """Compile the kernel twice, its ``prange`` loops parallel and serial, and call the serial
+    one when ``work(*args)`` (its multiply-adds or scores) is under PARALLEL_WORK: starting
+    numba's thread pool costs ~0.2 ms a call, more than a small search takes."""
+
+    def wrap(fn):
+        parallel, serial = njit(parallel=True, cache=True)(fn), njit(cache=True)(fn)
+
+        def call(*args):
+            return (parallel if work(*args) >= PARALLEL_WORK else serial)(*args)
+
+        call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+        call.parallel, call.serial = parallel, serial
+        return call
+
+    return wrap
 
 
 if numba is not None:
@@ -128,7 +147,7 @@ if numba is not None:
                     _insert(bv, bi, v, t0 + lo + t)
                     thr = bv[c - 1]
 
-    @njit(parallel=True, cache=True)
+    @_parallel_or_serial(lambda s, *_: s.size)
     def topc_rows(s, t0, best_v, best_i):
         """Merge the (B, T) score tile of targets t0..t0+T into the (B, c) running lists
         (rows in parallel, in groups of ROWS so that scratch space is allocated per group)."""
@@ -146,7 +165,7 @@ if numba is not None:
                     row = s[b, b0 : b0 + n]
                     _scan(row, n, maxima, spans, t0 + b0, best_v[b], best_i[b], top, keyf, keyi)
 
-    @njit(parallel=True, cache=True)
+    @_parallel_or_serial(lambda a, coef, *_: a.size // a.shape[1] * coef.shape[1])
     def topc_lattice(a, coef, h, t0, best_v, best_i):
         """Running top-c of lattice points over the targets t0..t0+T of one tile.
 
@@ -219,7 +238,7 @@ if numba is not None:
             return k
         return c
 
-    @njit(parallel=True, cache=True)
+    @_parallel_or_serial(lambda x, y, h, cand_v, *_: x.size * cand_v.shape[1])
     def rescore_rows(x, y, h, cand_v, cand_i, bound, k, offset, out_v, out_i):
         """Exact top-k of every row of x from its candidates (see the module docstring).
 
@@ -245,7 +264,7 @@ if numba is not None:
                 if out_i[b, q] >= 0:
                     out_i[b, q] += offset
 
-    @njit(parallel=True, cache=True)
+    @_parallel_or_serial(lambda q, coef, y, h, cand_v, *_: cand_v.size * q.shape[2])
     def rescore_lattice(q, coef, y, h, cand_v, cand_i, bound, k, offset, out_v, out_i):
         """:func:`rescore_rows` for lattice points x_sg = Σ_j coef[s, g, j] q[s, j], formed in
         fp32 in :meth:`Lattice.points`' order (q: (S, m, D), coef: (S, G, m) float32)."""
