@@ -11,8 +11,9 @@ import importlib
 
 BENCHMARKS = {
     "search": "search throughput of every backend ÷ plain matmul on the same shapes",
-    "fit": "distributed fit: per-iteration time split, bytes moved, cost model",
-    "solver": "samples needed to reach the reference schedule's accuracy",
+    "fit": "distributed fit per (replicas, shards, batch): driver bytes and CPU, cost model",
+    "solver": "samples and seconds to reach the reference schedule's accuracy (and OTT-JAX's)",
+    "scale": "the whole path at ImageNet's N (small D) on local Ray, stage by stage",
     "prepare": "driver peak memory while preparing a large synthetic data set",
     "quality": "mode mixture and sample quality of DPM-OT vs DDIM / DPM-Solver++",
     "labels": "fit --by-label (one potential per class) against one global fit",
