@@ -50,3 +50,15 @@ def test_bench_scale_runs_every_stage(capsys, ray_local):
     assert 0 < stages["fit"]["driver_bytes_per_iter"] <= 32 * 3000 * 2 + 2**20
     assert stages["read"]["distinct_sample_ids"] == 500
     assert all(s["seconds"] > 0 and s["driver_peak_rss_bytes"] > 0 for s in r["stages"])
+
+
+def test_bench_tta_times_both_fits_to_the_same_tv(capsys):
+    argv = ["bench", "tta", "--problem", "square", "--iters", "20", "--check-every", "5"]
+    assert main([*argv, "--json"]) == 0
+    r = last_json(capsys)
+    assert r["problem"] == "square-2d-uniform" and r["n"] == 100
+    assert r["default"]["stop_reason"] in ("converged", "iteration cap")
+    assert r["plain"]["options"]["tol_tv"] == r["default"]["tv"]
+    assert r["plain"]["source"]["lattice"] == 0
+    assert r["plain_reached"] == (r["plain"]["stop_reason"] == "tolerance")
+    assert r["time_ratio"] == pytest.approx(r["plain"]["seconds"] / r["default"]["seconds"])
