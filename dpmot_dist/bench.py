@@ -12,6 +12,7 @@ import importlib
 BENCHMARKS = {
     "search": "search throughput of every backend ÷ plain matmul on the same shapes",
     "overhead": "a small plain iteration's cost ÷ a bare matmul + argmax of the same shapes",
+    "cells": "the exact 2-D problem: exact TV, the worst cell and seconds, before and now",
     "tta": "wall seconds to a TV: the default fit against plain Monte Carlo (digits)",
     "fit": "distributed fit per (replicas, shards, batch): driver bytes and CPU, cost model",
     "solver": "samples and seconds to reach the reference schedule's accuracy (and OTT-JAX's)",

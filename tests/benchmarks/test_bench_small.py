@@ -62,3 +62,17 @@ def test_bench_tta_times_both_fits_to_the_same_tv(capsys):
     assert r["plain"]["source"]["lattice"] == 0
     assert r["plain_reached"] == (r["plain"]["stop_reason"] == "tolerance")
     assert r["time_ratio"] == pytest.approx(r["plain"]["seconds"] / r["default"]["seconds"])
+
+
+def test_bench_cells_reports_exact_errors(capsys):
+    argv = ["bench", "cells", "--n", "12", "--iters", "15", "--eval-samples", "4096"]
+    assert main([*argv, "--variants", "default", "--json"]) == 0
+    r = last_json(capsys)
+    assert [(x["weighting"], x["variant"]) for x in r["runs"]] == [
+        ("uniform", "default"),
+        ("weighted", "default"),
+    ]
+    for x in r["runs"]:
+        assert 0 <= x["tv"] <= 1 and x["iterations"] <= 15
+        rel = x["worst_mass"] / x["worst_target_mass"] - 1
+        assert x["worst_rel_err"] == pytest.approx(rel)
