@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         _unmark(fit_out)
         with Stage("resume", stages) as r:
             run_fit(FitConfig(**fit, iters=args.iters + args.resume_iters, resume=True))
-            _fit_figures(r, fit_out)
+            _fit_figures(r, fit_out, since=args.iters)
         with Stage("sample", stages) as r:
             s = run_sample(
                 SampleConfig(
@@ -171,9 +171,10 @@ def _unmark(fit_out: str) -> None:
     fs.rm_file(f"{path.rstrip('/')}/{storage.SUCCESS}")
 
 
-def _fit_figures(record: dict, fit_out: str) -> None:
-    """Bytes into the driver per iteration, the checkpoint's size, iterations so far."""
-    metrics = _metrics(fit_out)
+def _fit_figures(record: dict, fit_out: str, since: int = 0) -> None:
+    """Bytes into the driver per iteration, the checkpoint's size, iterations so far (the
+    medians over the iterations after ``since``)."""
+    metrics = [m for m in _metrics(fit_out) if m["iter"] > since]
     record.update(
         iterations=metrics[-1]["iter"],
         driver_bytes_per_iter=int(np.median([m.get("bytes_moved", 0) for m in metrics])),
