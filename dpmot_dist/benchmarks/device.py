@@ -15,10 +15,10 @@ failing command's output), and the next step runs.
 - ``fit``: ``dpmot fit`` of N × D Gaussian targets for I iterations on one device (in
   process); from ``metrics.jsonl``, after ``fit_warmup`` iterations, the median seconds per
   iteration and the search share Σ t_search / Σ t_iter.
-- ``sample``: ``dpmot prepare`` of random images, a short ``dpmot fit`` for their potential,
-  then ``dpmot sample`` of S samples with a small random diffusers ``UNet2DModel`` (built and
-  saved here by :func:`save_unet`) in fp16 on CUDA; samples/s and model evaluations/s from
-  the samples' manifest.
+- ``sample``: random images forward-diffused into a targets data set, a short ``dpmot fit``
+  for their potential, then ``dpmot sample`` of S samples with a small random diffusers
+  ``UNet2DModel`` (built and saved here by :func:`save_unet`) in fp16 on CUDA; samples/s and
+  model evaluations/s from the samples' manifest.
 - ``tests``: ``pytest -m cuda`` over the files of ``tests`` that mark tests ``cuda`` (the
   suite's CUDA-marked tests): passed, failed, errors, skipped, and each failure's first line.
 
@@ -299,23 +299,17 @@ def fit_figures(records: list[dict], warmup: int) -> dict:
 
 
 def step_sample(check: DeviceCheck, run: Runner, deadline: float, result: dict) -> None:
-    """prepare → a short fit (none with ``sample_fit_iters`` = 0: h = 0) → ``dpmot sample``
-    with a small random UNet saved by :func:`save_unet`; the throughput."""
+    """Image targets (:func:`write_image_targets`) → a short fit (none with
+    ``sample_fit_iters`` = 0: h = 0) → ``dpmot sample`` with a small random UNet saved by
+    :func:`save_unet`; the throughput."""
     dtype = check.sample_dtype or ("float16" if check.device == "cuda" else "float32")
     shape = (check.sample_channels, check.sample_size, check.sample_size)
     result.update(num=check.sample_num, dtype=dtype, data_shape=list(shape), nfe=check.sample_nfe)
     work = run.work
     unet = work / "unet"
     save_unet(str(unet), check.sample_channels, check.sample_size)
-    images = work / "images.npy"
-    rng = np.random.default_rng(0)
-    np.save(images, rng.integers(0, 256, (check.sample_targets, *shape), dtype=np.uint8))
     targets, samples = work / "targets", work / "samples"
-    run(
-        dpmot("prepare", "--data", images, "--out", targets, "--schedule", "vp-linear",
-              "--step", 200, "--workers", 0, "--overwrite"),
-        deadline, "prepare",
-    )  # fmt: skip
+    write_image_targets(targets, check.sample_targets, shape)
     if check.sample_fit_iters:
         potential = work / "sample-fit"
         run(
@@ -339,6 +333,22 @@ def step_sample(check: DeviceCheck, run: Runner, deadline: float, result: dict) 
     t = manifest["throughput"]
     keys = ("samples_per_s", "model_evals_per_s", "phase2_samples_per_s", "map_seconds")
     result.update({k: t[k] for k in keys}, written=t["samples_written"], nfe=manifest["nfe"])
+
+
+def write_image_targets(folder: Path, n: int, shape: tuple[int, ...], step: int = 200) -> None:
+    """A targets data set of n random images in [−1, 1] forward-diffused to ``step`` of the
+    vp-linear schedule (what ``dpmot prepare`` writes; seed 0)."""
+    import torch
+
+    from dpmot_dist.diffusion.schedules import Schedule
+    from dpmot_dist.io import datasets
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(n, *shape, generator=gen).mul_(2).sub_(1)
+    schedule = Schedule()
+    y = schedule.diffuse(x0, step, torch.randn(x0.shape, generator=gen))
+    extra = {"schedule": schedule.to_dict(), "step": step, "data_shape": list(shape)}
+    datasets.write_targets(str(folder), y.numpy(), extra=extra)
 
 
 def save_unet(folder: str, channels: int = 3, size: int = 32) -> None:
