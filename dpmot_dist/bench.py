@@ -21,6 +21,7 @@ BENCHMARKS = {
     "quality": "mode mixture and sample quality of DPM-OT vs DDIM / DPM-Solver++",
     "labels": "fit --by-label (one potential per class) against one global fit",
     "decode": "sample throughput of a latent class-conditional run with and without decoding",
+    "device": "every GPU path in one run (search, fit, sample, CUDA tests): one JSON report",
 }
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a seeded generator and a real (moto) S3 server on 127.0.0.1."""
+"""Shared fixtures: a seeded generator and a real (moto) S3 server on 127.0.0.1; tests marked
+``cuda`` skip where torch sees no GPU."""
 
 from __future__ import annotations
 
@@ -13,12 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import s3fs
 import torch
 
 # Without CUDA the Triton kernel runs in its interpreter; set before anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``cuda`` without a GPU (``pytest -m cuda`` selects them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -113,6 +124,35 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_gpu():
+    """A local Ray cluster with a GPU for the module's tests: the session's cluster when one
+    is running (left running), else one started here and shut down after the module.
+
+    Skips without ray, without CUDA, or when Ray sees no GPU.
+    """
+    ray = pytest.importorskip("ray")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address="local",
+            num_cpus=4,
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
+    try:
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            pytest.skip("the Ray cluster has no GPU")
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _set_moto_auth(endpoint: str, count: str) -> None:
     """Turn moto's IAM authentication on ("0") or off ("inf")."""
     request = urllib.request.Request(
@@ -148,13 +188,13 @@ def moto_user(
         _set_moto_auth(endpoint, "0")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-        s3fs.S3FileSystem.clear_instance_cache()
+        clear_s3fs_cache()
 
     try:
         yield {"name": name, "secret": key["SecretAccessKey"], "switch_on": switch_on}
     finally:
         _set_moto_auth(endpoint, "inf")
-        s3fs.S3FileSystem.clear_instance_cache()
+        clear_s3fs_cache()
 
 
 # A short retry policy for tests that break the store on purpose: 1 s timeouts, up to 40

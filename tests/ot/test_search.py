@@ -135,3 +135,28 @@ def test_bench_search_report_rates_every_backend_and_the_lattice():
     assert all(b["disagree"] == 0.0 for k, b in r["backends"].items() if k != "reference")
     lat = r["lattice"]
     assert lat["rank"] == 3 and lat["points_per_projection"] == 16 / 3 and lat["ratio"] > 0
+    assert lat["backend"] == r["default"]
+
+
+def test_bench_search_dtypes_rescore_fractions_and_unavailable_backends():
+    from dpmot_dist.benchmarks.search import parse_backends, run
+
+    pairs = parse_backends("torch,faiss:float32,triton:bfloat16", "float32,bfloat16")
+    assert pairs == [
+        ("torch", "float32"),
+        ("torch", "bfloat16"),
+        ("faiss", "float32"),
+        ("triton", "bfloat16"),
+    ]
+    with pytest.raises(ValueError, match="storage dtype"):
+        parse_backends("torch:float64")
+    r = run(600, 16, 96, "cpu", 1, lattice=0, backends="torch,faiss", dtypes="float32,bfloat16")
+    assert set(r["backends"]) == {"torch", "torch:bfloat16", "faiss", "reference"}
+    assert r["unavailable"] == {"faiss:bfloat16": "faiss scores in float32 only"}
+    low = r["backends"]["torch:bfloat16"]
+    assert low["storage_dtype"] == "bfloat16" and low["disagree"] == 0.0
+    for name in ("torch", "torch:bfloat16", "faiss"):
+        b = r["backends"][name]
+        assert 0 <= b["winner_changed"] <= b["rescored_rows"] <= 1
+    assert r["backends"]["torch"]["rescored_rows"] < 0.05  # fp32: only near-ties re-scored
+    assert "lattice" not in r
