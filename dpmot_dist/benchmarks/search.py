@@ -13,7 +13,7 @@ reported under its bare name (``torch``), any other as ``NAME:DTYPE`` (``triton:
 On CUDA each backend also gets its rate ÷ the plain bf16 matmul's (``ratio_bf16``). Every
 backend reports, on the first ``--stat-rows`` rows, the fraction whose candidates all went
 through the exact float64 re-score (``rescored_rows``: the gap test of
-:meth:`~dpmot_dist.ot.search.TargetIndex._rescore` could not certify the candidate pass's
+:meth:`~dpmot_dist.ot.search.TargetIndex.certified` could not certify the candidate pass's
 winner; 1 for a pass that returns no scores) and the fraction whose winner the re-score
 changed (``winner_changed``).
 """
@@ -127,7 +127,7 @@ def build_indexes(
 def rescore_fractions(index: TargetIndex, x: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
     """Of the rows of x: the fraction whose c = 1 + margin candidates were all re-scored
     exactly (the candidate pass's score gap s̃₁ − s̃₂ within twice its error bound, as
-    ``TargetIndex._rescore`` tests it; every row when the pass returns no scores), and the
+    ``TargetIndex.certified`` tests it; every row when the pass returns no scores), and the
     fraction whose exact winner is not the candidate pass's first candidate.
 
     x: (B, D) float32 and h: (N,) float64, both on the index's device.
@@ -136,11 +136,7 @@ def rescore_fractions(index: TargetIndex, x: torch.Tensor, h: torch.Tensor) -> d
     scores, cand = index.candidates(x, h, c)
     winner = index.search(x, h, 1)[1][:, 0].to(index.device)
     changed = cand[:, 0].to(index.device).long() + index.offset != winner
-    if scores is None or c < 2:
-        rescored = torch.ones_like(changed)
-    else:
-        scores = scores.to(index.device).double()
-        rescored = scores[:, 0] - scores[:, 1] <= 2 * index.error_bound(x, h)
+    rescored = ~index.certified(x, h, scores, cand.shape, 1)
     return {
         "rescored_rows": float(rescored.double().mean()),
         "winner_changed": float(changed.double().mean()),

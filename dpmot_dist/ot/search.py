@@ -417,16 +417,21 @@ class TargetIndex:
         c candidates.
         """
         cand = cand.to(self.device).long()
-        if scores is not None and cand.shape[1] > k:
-            scores = scores.to(self.device).double()
-            bound = self.error_bound(x, h) if bound is None else bound.to(self.device)
-            sure = (scores[:, k - 1] - scores[:, k]) > 2 * bound
-        else:
-            sure = torch.zeros(cand.shape[0], dtype=torch.bool, device=self.device)
+        sure = self.certified(x, h, scores, cand.shape, k, bound)
         values = torch.full(cand.shape, -torch.inf, dtype=torch.float64, device=self.device)
         values[sure, :k] = self._exact(x[sure], h, cand[sure, :k])
         values[~sure] = self._exact(x[~sure], h, cand[~sure])
         return topk_lowest_index(values, cand + self.offset, k)
+
+    def certified(self, x, h, scores, shape, k: int, bound: torch.Tensor | None = None):
+        """(B,) bool: rows whose candidate pass already has the exact top-k set, its gap
+        between the k-th and (k+1)-th score above twice the pass's error bound (none when the
+        pass returns no scores or only k candidates of ``shape`` = (B, c))."""
+        if scores is None or shape[1] <= k:
+            return torch.zeros(shape[0], dtype=torch.bool, device=self.device)
+        scores = scores.to(self.device).double()
+        bound = self.error_bound(x, h) if bound is None else bound.to(self.device)
+        return (scores[:, k - 1] - scores[:, k]) > 2 * bound
 
     def _exact(self, x: torch.Tensor, h: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """⟨x_b, y_c⟩ + h_c in float64 for candidates cand (B, c), row by row."""
