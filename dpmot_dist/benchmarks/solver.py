@@ -260,7 +260,10 @@ def run_ours(problem, ours, budgets, eval_samples, evaluator, log, lattice):
     calibration = {}
     if lattice is None:
         candidates = candidate_sources(problem.source, dim)
-        calibration = calibrate(assigner, candidates, np.zeros(problem.n), 4 * problem.n)
+        projections = max(8 * 4096, 4 * problem.n)  # as dpmot fit calibrates
+        calibration = calibrate(
+            assigner, candidates, np.zeros(problem.n), projections, 8, ours.uses_control_variate
+        )
     else:
         assigner.set_source(default_source(problem.source, dim, lattice=lattice))
     seconds = time.perf_counter() - t0

@@ -255,6 +255,16 @@ def snapshot_statistics(
     return a
 
 
+def pair_statistics(values: torch.Tensor, indices: torch.Tensor, n: int, chunk: int) -> Assignment:
+    """Hard statistics at h and the argmax counts at h_snap of the same samples, from their
+    exact winners under both, columns 0 and 1 of (B, 2) values and indices."""
+    values, indices = torch.as_tensor(values), torch.as_tensor(indices)
+    a = assignment_from_winners(values[:, 0], indices[:, 0], n, chunk)
+    a.snap_counts = np.bincount(indices[:, 1].numpy(), minlength=n).astype(np.int32)
+    a.changed = float((indices[:, 1] != indices[:, 0]).double().mean())
+    return a
+
+
 class StreamAssigner:
     """An assigner built on ``stream_topk``: the exact top-k of every point of a stream.
 
@@ -269,6 +279,7 @@ class StreamAssigner:
     source: Source
     seed: int
     stream_device: str = "cpu"
+    top1_pair: bool = False  # stream_top1 finds the winners under h and h_s in one search
 
     def stream_topk(
         self,
@@ -278,6 +289,17 @@ class StreamAssigner:
         k: int,
         batches: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stream_top1(
+        self,
+        hs: list[np.ndarray],
+        key: tuple[int, ...],
+        samples: int,
+        batches: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact winners (values float64, global indices) of every point of a stream under
+        each offset vector of ``hs``: (B, P) each."""
         raise NotImplementedError
 
     def search_points(self, x: torch.Tensor, h: np.ndarray, k: int):
@@ -329,8 +351,18 @@ class StreamAssigner:
         k: int = 4,
         batches: tuple[int, int] | None = None,
     ) -> Assignment:
-        """Hard statistics at ``h`` plus the argmax counts of the same samples at ``h_snap``
-        (:func:`snapshot_statistics`: one top-k search serves both)."""
+        """Hard statistics at ``h`` plus the argmax counts of the same samples at ``h_snap``:
+        with :attr:`top1_pair`, one search finds both winners (:func:`pair_statistics`); else
+        one top-k search at h serves both (:func:`snapshot_statistics`)."""
+        if self.top1_pair:
+            t0 = time.perf_counter()
+            values, indices = self.stream_top1([h, h_snap], key, samples, batches)
+            t1 = time.perf_counter()
+            a = pair_statistics(values, indices, self.n, self.chunk)
+            a.projections = stream_projections(self.source, samples, self.chunk, batches)
+            a.timings = {"t_search": t1 - t0, "t_transfer": 0.0}
+            a.timings["t_reduce"] = time.perf_counter() - t1
+            return a
         values, indices, timings = self.timed_topk(h, key, samples, k, batches)
         t0 = time.perf_counter()
         a = snapshot_statistics(
@@ -388,6 +420,7 @@ class LocalAssigner(StreamAssigner):
         self.index, self.source, self.seed, self.chunk = index, source, seed, chunk
         self.n, self.dim = index.n, index.dim
         self.stream_device = str(index.device)
+        self.top1_pair = index.fused_top1
 
     def search_points(self, x, h, k):
         return self.index.search(torch.as_tensor(x), torch.from_numpy(np.asarray(h, np.float64)), k)
@@ -406,4 +439,12 @@ class LocalAssigner(StreamAssigner):
             self.source, self.seed, key, samples, self.chunk, self.dim, self.index.device, batches
         )
         parts = [self.index.search_batch(x, h_t, k) for x in points]
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+    def stream_top1(self, hs, key, samples, batches: tuple[int, int] | None = None):
+        hs_t = [torch.from_numpy(np.asarray(h, np.float64)) for h in hs]
+        points = stream_points(
+            self.source, self.seed, key, samples, self.chunk, self.dim, self.index.device, batches
+        )
+        parts = [self.index.search_top1(x, hs_t) for x in points]
         return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])

@@ -13,7 +13,9 @@ cell-mass estimate down to a given level,
     projection}},
 
 where the variance is measured between ``groups`` independent batches of P projections each
-at the calibration potential h. The candidate with the lowest cost wins.
+at the calibration potential h, and the seconds are those of the statistics the fit will ask
+for: with the snapshot control variate on (``control_variate(source)``), the winners under h
+and the snapshot together. The candidate with the lowest cost wins.
 """
 
 from __future__ import annotations
@@ -52,12 +54,16 @@ def calibrate(
     h: np.ndarray,
     projections: int,
     groups: int = 8,
+    control_variate=None,
 ) -> dict:
     """Seconds and cell-mass variance per projection of each candidate source at ``h``.
 
     ``assigner`` must have ``set_source`` (the local assigner and the shard pool have it); it
     is left on the chosen source. Each candidate first runs one small warm-up batch (kernels
-    compile, caches fill), then ``groups`` timed batches of ``projections // groups``.
+    compile, caches fill), then ``groups`` timed batches of ``projections // groups``: the
+    snapshot statistics (at h_s = h) where ``control_variate(source)`` says the fit will use
+    them (e.g. :meth:`~dpmot_dist.ot.solver.SDOTSolver.uses_control_variate`), else plain
+    statistics.
 
     Returns {"chosen": name, "candidates": {name: {"seconds_per_projection",
     "variance_per_projection", "cost"}}, "projections": per candidate}.
@@ -66,11 +72,20 @@ def calibrate(
     report = {}
     for name, source in candidates.items():
         assigner.set_source(source)
-        assigner.assign(h, (CALIBRATION_STREAM, 0), min(per, 1024))
+        if control_variate is not None and control_variate(source):
+
+            def stats(key, samples):
+                return assigner.assign_snapshot(h, h, key, samples)
+        else:
+
+            def stats(key, samples):
+                return assigner.assign(h, key, samples)
+
+        stats((CALIBRATION_STREAM, 0), min(per, 1024))
         t0 = time.perf_counter()
         masses, spent = [], 0
         for g in range(groups):
-            a = assigner.assign(h, (CALIBRATION_STREAM, 1 + g), per)
+            a = stats((CALIBRATION_STREAM, 1 + g), per)
             masses.append(a.cell_mass())
             spent += a.projections
         seconds = (time.perf_counter() - t0) / spent

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from dpmot_dist.ot.kernels import cpu_search
+from dpmot_dist.ot.kernels import cpu_search, cpu_top1
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ _RESCORE_ROWS = 256
 _RESCORE_ELEMENTS = 1 << 21  # float64 candidate coordinates gathered per re-score pass
 _LATTICE_POINTS = 4096  # lattice points scored per pass (bounds the score tile's memory)
 _TRITON_LATTICE_POINTS = 1 << 14  # lattice points per chunk of the Triton path
+_TOP1_ROWS = 1024  # GEMM rows (points, or lattice projections) per chunk of the top-1 path
+_TOP1_TILE = 1 << 19  # scores per GEMM tile of the top-1 path (2 MiB: stays in L2/L3)
 
 
 def faiss_available(device: torch.device | str = "cpu") -> bool:
@@ -134,6 +136,14 @@ class TargetIndex:
         # On CPU the running top-c and the exact re-score run in the fused numba kernels of
         # kernels/cpu_search.py (torch elsewhere, or without numba)
         self._fused_cpu = self.device.type == "cpu" and cpu_search.available()
+        self._work: torch.Tensor | None = None
+
+    @property
+    def fused_top1(self) -> bool:
+        """Whether the exact top-1 of points and lattices (the solver's hot path) runs in the
+        compiled kernel of kernels/_top1.c: one pass per GEMM tile, no top-c lists, one exact
+        score per winner (CPU, fp32 storage, with the fused CPU kernels)."""
+        return self._fused_cpu and cpu_top1.available() and self.dtype == torch.float32
 
     def search(self, x: torch.Tensor, h: torch.Tensor | np.ndarray, k: int = 1):
         """Top-k of ⟨x, y_i⟩ + h_i per row.
@@ -145,6 +155,12 @@ class TargetIndex:
             sorted by decreasing value, ties by increasing index.
         """
         x, h = self._check(x, h, k)
+        if k == 1 and self.fused_top1:
+            return self._top1_points(x, [h])
+        return self._search_topc(x, h, k)
+
+    def _search_topc(self, x: torch.Tensor, h: torch.Tensor, k: int):
+        """:meth:`search` by the candidate pass (top-c) and the exact re-score."""
         k = min(k, self.n)
         c = min(self.n, k + self.margin)
         scores, cand = self.candidates(x, h, c)
@@ -158,6 +174,116 @@ class TargetIndex:
             return self.search(batch, h, k)
         return self.search_lattice(batch, h, k)
 
+    def search_top1(self, batch, offsets: list):
+        """Exact top-1 of every point of ``batch`` (points or a Lattice) under each of the
+        P offset vectors ``offsets`` (the potential h, and the control variate's snapshot h_s).
+
+        Returns (values (B, P) float64, indices (B, P) int64 global), ties to the lowest index,
+        column p the same as ``search_batch(batch, offsets[p], 1)``. With the compiled kernel
+        (:attr:`fused_top1`; P ≤ 2) one GEMM serves every potential, else one search each.
+        """
+        hs = [self._check(torch.zeros(1, self.dim), h, 1)[1] for h in offsets]
+        if self.fused_top1 and len(hs) <= 2:
+            if isinstance(batch, torch.Tensor):
+                return self._top1_points(self._check(batch, hs[0], 1)[0], hs)
+            return self._top1_lattice(batch, hs)
+        parts = [self.search_batch(batch, h, 1) for h in hs]
+        return torch.cat([v for v, _ in parts], 1), torch.cat([i for _, i in parts], 1)
+
+    # -- the compiled top-1 path (kernels/_top1.c) -------------------------------------------
+
+    def _workspace(self, rows: int, cols: int) -> torch.Tensor:
+        """A reused (rows, cols) fp32 buffer for GEMM tiles (no fresh pages per tile)."""
+        if self._work is None or self._work.numel() < rows * cols:
+            self._work = torch.empty(rows * cols)
+        return self._work[: rows * cols].view(rows, cols)
+
+    def _top1_tiles(self, a: torch.Tensor, h32: torch.Tensor | None, merge) -> None:
+        """GEMM tiles a·y[t0:t1]ᵀ (+ h32[t0:t1] when given) of at most _TOP1_TILE scores,
+        each handed to ``merge(tile (rows, t1 − t0) numpy, t0)``."""
+        cols = max(256, min(self.n, _TOP1_TILE // max(1, len(a))))
+        for t0 in range(0, self.n, cols):
+            t1 = min(self.n, t0 + cols)
+            out = self._workspace(len(a), t1 - t0)
+            if h32 is None:
+                torch.mm(a, self.y[t0:t1].T, out=out)
+            else:
+                torch.addmm(h32[t0:t1], a, self.y[t0:t1].T, out=out)
+            merge(out.numpy(), t0)
+
+    def _top1_finish(self, state, thr, exact, points, hs):
+        """Exact values of the certified winners (``exact(idx)``), an exact top-c search
+        of the others (``points(rows)`` forms them), global indices."""
+        best, idx, _ = state
+        sure = cpu_top1.certified(state, thr)
+        values = exact(np.where(sure, idx, 0))
+        for p, h in enumerate(hs):
+            rows = np.flatnonzero(~sure[:, p])
+            if len(rows):
+                v, i = self._search_topc(points(torch.from_numpy(rows)), h, 1)
+                values[rows, p], idx[rows, p] = v[:, 0].numpy(), i[:, 0].numpy() - self.offset
+        return torch.from_numpy(values), torch.from_numpy(idx + self.offset)
+
+    def _top1_points(self, x: torch.Tensor, hs: list[torch.Tensor]):
+        """:meth:`search_top1` of points x (B, D) by the compiled kernel."""
+        state = cpu_top1.empty_state(len(x), len(hs))
+        h64 = torch.stack(hs).numpy()
+        offsets = None if len(hs) == 1 else h64.astype(np.float32)
+        h32 = hs[0].to(torch.float32) if len(hs) == 1 else None
+        for r0 in range(0, len(x), _TOP1_ROWS):
+            r1 = min(len(x), r0 + _TOP1_ROWS)
+            part = tuple(s[r0:r1] for s in state)
+            self._top1_tiles(
+                x[r0:r1],
+                h32,
+                lambda tile, t0, part=part: cpu_top1.top1_rows(
+                    tile, None if offsets is None else offsets[:, t0 : t0 + tile.shape[1]],
+                    t0, part,
+                ),
+            )  # fmt: skip
+        thr = 2 * self.error_bound(x, torch.from_numpy(np.abs(h64).max(0)))
+        x_np, y_np = x.numpy(), self.y.numpy()
+        return self._top1_finish(
+            state,
+            thr.numpy(),
+            lambda idx: cpu_top1.exact_rows(x_np, y_np, h64, idx),
+            lambda rows: x[rows],
+            hs,
+        )
+
+    def _top1_lattice(self, lattice, hs: list[torch.Tensor]):
+        """:meth:`search_top1` of a Lattice by the compiled kernel: the projections A = Q·yᵀ
+        by GEMM tiles, every point's scores formed and reduced in one pass over each tile."""
+        q = lattice.q.to(torch.float32).contiguous()
+        coef = lattice.coef.to(torch.float32).contiguous()
+        s, m, d = q.shape
+        g_pts = coef.shape[1]
+        state = cpu_top1.empty_state(s * g_pts, len(hs))
+        h64 = torch.stack(hs).numpy()
+        offsets = h64.astype(np.float32)
+        coef_np = coef.numpy()
+        per = max(1, _TOP1_ROWS // m)  # subspaces per chunk
+        for s0 in range(0, s, per):
+            s1 = min(s, s0 + per)
+            part = tuple(z[s0 * g_pts : s1 * g_pts] for z in state)
+            cf = coef_np[s0:s1]
+
+            def merge(tile, t0, part=part, cf=cf, s0=s0, s1=s1):
+                a = tile.reshape(s1 - s0, m, tile.shape[1])
+                cpu_top1.top1_lattice(a, cf, offsets[:, t0 : t0 + a.shape[2]], t0, part)
+
+            self._top1_tiles(q[s0:s1].reshape(-1, d), None, merge)
+        hmax = torch.from_numpy(np.abs(h64).max(0))
+        thr = 2 * self.lattice_error_bound(coef.reshape(-1, m), hmax)
+        q_np, y_np = q.numpy(), self.y.numpy()
+        return self._top1_finish(
+            state,
+            thr.numpy(),
+            lambda idx: cpu_top1.exact_lattice(q_np, coef_np, y_np, h64, idx),
+            lambda rows: lattice_points_at(q, coef, rows),
+            hs,
+        )
+
     def search_lattice(self, lattice, h: torch.Tensor | np.ndarray, k: int = 1):
         """Top-k of every point of a :class:`~dpmot_dist.ot.sources.Lattice`, in point order.
 
@@ -167,6 +293,8 @@ class TargetIndex:
         from the explicit points, as :meth:`search` does. Any backend runs stage 1 in torch.
         """
         h = self._check(lattice.q[0, :1], h, k)[1]
+        if k == 1 and self.fused_top1:
+            return self._top1_lattice(lattice, [h])
         k = min(k, self.n)
         c = min(self.n, k + self.margin)
         if self.backend == "triton":
@@ -442,6 +570,17 @@ class TargetIndex:
             yc = self.y[cand[rows]].double()
             out[rows] = (x[rows, None, :].double() * yc).sum(-1) + h[cand[rows]]
         return out
+
+
+def lattice_points_at(q: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The lattice points number ``rows`` (point s·G + g) of the batch (q (S, m, D), coef
+    (S, G, m)), with the bits of :meth:`~dpmot_dist.ot.sources.Lattice.points`."""
+    g_pts = coef.shape[1]
+    qs, c = q[rows // g_pts], coef[rows // g_pts, rows % g_pts]
+    x = c[:, 0, None] * qs[:, 0]
+    for j in range(1, q.shape[1]):
+        x = x + c[:, j, None] * qs[:, j]
+    return x
 
 
 def topk_lowest_index(values: torch.Tensor, indices: torch.Tensor, k: int):

@@ -316,7 +316,8 @@ def choose_source(cfg: FitConfig, pool: ShardPool, state, n: int, dim: int) -> d
     if len(candidates) < 2:
         return {}
     projections = max(8 * min(cfg.chunk, 4096), 4 * n)
-    return calibrate(pool, candidates, np.zeros(n), projections)
+    uses_cv = cfg.make_solver(n).uses_control_variate
+    return calibrate(pool, candidates, np.zeros(n), projections, control_variate=uses_cv)
 
 
 def _solve(

@@ -10,8 +10,10 @@ share from (seed, key, micro-batch) and returns the share's cell statistics
 - with G = 1 the shard actor computes them itself (it holds every target);
 - with G > 1 the group's :class:`GroupReducer` actor receives its shards' per-point exact
   top-k through the object store (actor to actor: the driver only passes references),
-  merges them (highest score, ties to the lowest index), computes the statistics, and asks
-  the shards to search again the rows the snapshot control variate could not certify.
+  merges them (highest score, ties to the lowest index) and computes the statistics. For the
+  snapshot control variate the shards return each point's exact winner under h and under
+  h_s when their search finds both at once (the CPU's compiled top-1 kernel), else their
+  top-k at h, and the reducer asks them to search again the rows it could not certify.
 
 So the driver receives R Assignments per iteration — a few N-vectors — whatever the batch
 or the source, and sums them in group order: integer counts exactly, so any (R, G) gives the
@@ -43,6 +45,7 @@ from dpmot_dist.ot.assign import (
     assignment_from_topk,
     batch_sizes,
     combine,
+    pair_statistics,
     snapshot_statistics,
     stream_projections,
 )
@@ -157,6 +160,18 @@ class ShardWorker:
         v, i = self.local.stream_topk(self._h(h), key, samples, k, batches)
         return v.cpu().numpy(), i.cpu().numpy(), time.perf_counter() - t0
 
+    def fused_top1(self) -> bool:
+        """Whether this shard finds the winners under h and h_s in one search (:meth:`top1`)."""
+        return self.local.top1_pair
+
+    def top1(self, h, h_snap, key, samples: int, batches, source: dict):
+        """Exact winners over this shard under h and h_snap of micro-batches [b0, b1):
+        (values (B', 2) float64, global indices (B', 2) int64, seconds searching)."""
+        self._use(source)
+        t0 = time.perf_counter()
+        v, i = self.local.stream_top1([self._h(h), self._h(h_snap)], key, samples, batches)
+        return v.cpu().numpy(), i.cpu().numpy(), time.perf_counter() - t0
+
     def assign(self, h, key, samples: int, epsilon: float, k: int, batches, source: dict):
         """The statistics of micro-batches [b0, b1) (this shard must hold every target)."""
         self._use(source)
@@ -207,6 +222,16 @@ class GroupReducer:
         a.timings = {"t_search": t_search, "t_reduce": time.perf_counter() - t0}
         return a
 
+    def assign_pair(self, h, h_snap, key, samples, k, batches, source: dict, *parts):
+        """Snapshot statistics from the shards' winners under h and h_snap
+        (:meth:`ShardWorker.top1`)."""
+        t0 = time.perf_counter()
+        values, indices, t_search = self._merged(parts, 1)
+        a = pair_statistics(values, indices, self.n, self.chunk)
+        a.projections = stream_projections(Source(**source), samples, self.chunk, batches)
+        a.timings = {"t_search": t_search, "t_reduce": time.perf_counter() - t0}
+        return a
+
     def assign_snapshot(self, h, h_snap, key, samples, k, batches, source: dict, *parts):
         import ray
 
@@ -244,6 +269,20 @@ class ShardPool:
         self.dim, self.chunk, self.source, self.seed = dim, chunk, source, seed
         self.n = bounds[-1][1]
         self.remote = not isinstance(groups[0][0], ShardWorker)
+        self._top1_pair: bool | None = None
+
+    @property
+    def top1_pair(self) -> bool:
+        """Whether the shards find the winners under h and h_s in one search (asked once)."""
+        if self._top1_pair is None:
+            worker = self.groups[0][0]
+            if self.remote:
+                import ray
+
+                self._top1_pair = bool(ray.get(worker.fused_top1.remote()))
+            else:
+                self._top1_pair = worker.fused_top1()
+        return self._top1_pair
 
     @property
     def replicas(self) -> int:
@@ -375,6 +414,10 @@ class ShardPool:
             args = (*heads, key, samples, *extra, k, batches, source)
             if reducer is None:
                 futures.append(getattr(group[0], kind).remote(*args))
+                continue
+            if kind == "assign_snapshot" and self.top1_pair:
+                parts = [s.top1.remote(*heads, key, samples, batches, source) for s in group]
+                futures.append(reducer.assign_pair.remote(*args, *parts))
                 continue
             parts = [s.topk.remote(h_ref, key, samples, k, batches, source) for s in group]
             futures.append(getattr(reducer, kind).remote(*args, *parts))

@@ -86,22 +86,33 @@ def _direct_counts(assigner, h, key, samples):
     return np.bincount(idx[:, 0].numpy(), minlength=assigner.n)
 
 
+@pytest.mark.parametrize("pair", [True, False])
+@pytest.mark.parametrize("lattice", [0, 16])
 @pytest.mark.parametrize("shift", [0.01, 0.5])
-def test_snapshot_counts_equal_a_direct_search_at_the_snapshot(shift):
+def test_snapshot_counts_equal_a_direct_search_at_the_snapshot(shift, lattice, pair):
+    """Both ways to the snapshot's cells agree with a direct search at h_s: the winners under
+    h and h_s in one search (the compiled top-1 kernel), or the top-4 at h with the rows it
+    cannot certify searched again."""
     rng = np.random.default_rng(2)
     y = rng.normal(size=(300, 6)).astype(np.float32)
-    a = LocalAssigner(TargetIndex(y), Source(), seed=4, chunk=1000)
+    a = LocalAssigner(TargetIndex(y), Source(lattice=lattice), seed=4, chunk=1000)
+    if pair and not a.top1_pair:
+        pytest.skip("the compiled top-1 kernel is not built")
+    a.top1_pair = pair
     h = rng.normal(scale=0.3, size=300)
     h_snap = h + rng.normal(scale=shift, size=300)
     r = a.assign_snapshot(h, h_snap, (0, 3), 5000, k=4)
     np.testing.assert_array_equal(r.counts, _direct_counts(a, h, (0, 3), 5000))
     np.testing.assert_array_equal(r.snap_counts, _direct_counts(a, h_snap, (0, 3), 5000))
     assert 0 < r.changed < 1
-    if shift > 0.1:
+    if shift > 0.1 and not pair:
         assert r.researched > 0  # rows the top-4 could not certify were searched again
 
 
-def test_snapshot_counts_on_ray_shards_equal_single_process(tmp_path, ray_local):
+@pytest.mark.parametrize("pair", [True, False])
+def test_snapshot_counts_on_ray_shards_equal_single_process(tmp_path, ray_local, pair):
+    """Two shards and their reducer: from the shards' winners under h and h_s (``pair``), or
+    from their top-k at h with the uncertified rows searched again on the shards."""
     from dpmot_dist.pipelines.shards import ShardPool
 
     rng = np.random.default_rng(3)
@@ -111,11 +122,17 @@ def test_snapshot_counts_on_ray_shards_equal_single_process(tmp_path, ray_local)
     single = LocalAssigner(TargetIndex(y), Source(), seed=1, chunk=512)
     pool = ShardPool.create(str(tmp_path / "y.npy"), workers=2, seed=1, chunk=512)
     try:
+        if pair and not pool.top1_pair:
+            pytest.skip("the compiled top-1 kernel is not built")
+        pool._top1_pair = pair
         r = pool.assign_snapshot(h, h_snap, (0, 9), 3000, k=3)
     finally:
         pool.close()
-    assert r.researched > 0
+    assert (r.researched > 0) != pair  # only the top-k path searches rows again
+    np.testing.assert_array_equal(r.counts, _direct_counts(single, h, (0, 9), 3000))
     np.testing.assert_array_equal(r.snap_counts, _direct_counts(single, h_snap, (0, 9), 3000))
+    direct = single.assign(h, (0, 9), 3000)
+    assert r.u_sum == direct.u_sum  # the same exact scores, summed in the same order
 
 
 @pytest.mark.parametrize("control_variate", ["snapshot", "none"])

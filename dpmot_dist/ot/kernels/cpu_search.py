@@ -62,13 +62,14 @@ def empty_topc(rows: int, c: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((rows, c), -np.inf, np.float32), np.full((rows, c), -1, np.int64)
 
 
-def _parallel_or_serial(work):
+def _parallel_or_serial(work, **options):
     """Compile the kernel twice, its ``prange`` loops parallel and serial, and call the serial
     one when ``work(*args)`` (its multiply-adds or scores) is under PARALLEL_WORK: starting
     numba's thread pool costs ~0.2 ms a call, more than a small search takes."""
 
     def wrap(fn):
-        parallel, serial = njit(parallel=True, cache=True)(fn), njit(cache=True)(fn)
+        parallel = njit(parallel=True, cache=True, **options)(fn)
+        serial = njit(cache=True, **options)(fn)
 
         def call(*args):
             return (parallel if work(*args) >= PARALLEL_WORK else serial)(*args)
@@ -295,3 +296,163 @@ if numba is not None:
             for z in range(k):
                 if out_i[p, z] >= 0:
                     out_i[p, z] += offset
+
+
+# -- exact top-1 under one or two offset vectors (the solver's hot path) -------------------------
+#
+# The solver needs every point's argmax at h and, with the snapshot control variate, at the
+# snapshot h_s too: one exact winner per potential, nothing more. The kernels below keep, per
+# point and potential, the fp32 best score, its target and the second-best score: the gap
+# best − second certifies the winner against the candidate pass's rounding (see
+# :meth:`~dpmot_dist.ot.search.TargetIndex.search_top1`). A block's winner is found from its
+# spans' maxima: only the span holding the largest one is scanned, the second-largest span
+# maximum bounds the block's runner-up from below; a tie anywhere makes the gap 0, so the
+# point goes to the exact fallback, which breaks ties by the lowest index.
+
+
+def empty_top1(rows: int, potentials: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty running winners: best and second −inf (float32), index −1, each (rows, P)."""
+    best = np.full((rows, potentials), -np.inf, np.float32)
+    return best, np.full((rows, potentials), -1, np.int64), best.copy()
+
+
+if numba is not None:
+
+    @njit(inline="always")
+    def _block_top1(buf, bits, n, maxima, t0, bv, bi, bs, p, keyf, keyi):
+        """Merge the block's scores buf[:n] (targets t0..t0+n) into the running (best bv[p],
+        index bi[p], second bs[p]) of one point."""
+        spans = _span_maxima(bits, n, maxima)
+        m1 = np.int32(-(2**31))
+        m2 = np.int32(-(2**31))
+        s1 = 0
+        for s in range(spans):
+            mx = maxima[s]
+            if mx > m1:
+                m2 = m1
+                m1 = mx
+                s1 = s
+            elif mx > m2:
+                m2 = mx
+        lo = s1 * SPAN
+        span = buf[lo : min(n, lo + SPAN)]
+        best = np.float32(-np.inf)
+        second = np.float32(-np.inf)
+        idx = 0
+        for t in range(len(span)):
+            v = span[t]
+            if v > best:
+                second = best
+                best = v
+                idx = t
+            elif v > second:
+                second = v
+        keyi[0] = _ordered(m2)
+        second = max(second, keyf[0])  # the other spans' best
+        if best > bv[p]:
+            bs[p] = max(bv[p], second)
+            bv[p] = best
+            bi[p] = t0 + lo + idx
+        else:
+            bs[p] = max(bs[p], best)
+
+    @_parallel_or_serial(lambda s, *_: s.size)
+    def top1_rows(s, offsets, t0, best_v, best_i, second_v):
+        """Merge the (B, T) tile s = x·yᵀ of targets t0..t0+T into the running winners of each
+        row under P offset vectors: the scores s[b, t] + offsets[p, t] (fp32), rows in
+        parallel. best_v, best_i, second_v: (B, P) running best, its target, second best."""
+        n_rows, width = s.shape
+        n_pot = offsets.shape[0]
+        for grp in prange((n_rows + ROWS - 1) // ROWS):
+            buf = np.empty(BLOCK, np.float32)
+            bits = buf.view(np.int32)
+            maxima = np.empty(BLOCK // SPAN + 1, np.int32)
+            keyi = np.empty(1, np.int32)
+            keyf = keyi.view(np.float32)
+            for b in range(grp * ROWS, min(n_rows, (grp + 1) * ROWS)):
+                for b0 in range(0, width, BLOCK):
+                    n = min(BLOCK, width - b0)
+                    row = s[b, b0 : b0 + n]
+                    for p in range(n_pot):
+                        off = offsets[p, b0 : b0 + n]
+                        for t in range(n):
+                            buf[t] = row[t] + off[t]
+                        _block_top1(
+                            buf, bits, n, maxima, t0 + b0, best_v[b], best_i[b], second_v[b],
+                            p, keyf, keyi,
+                        )  # fmt: skip
+
+    @_parallel_or_serial(
+        lambda a, coef, *_: a.size // a.shape[1] * coef.shape[1], fastmath={"contract"}
+    )
+    def top1_lattice(a, coef, offsets, t0, best_v, best_i, second_v):
+        """:func:`top1_rows` for lattice points scored from their subspace's projections:
+        s̃ = offsets[p, t] + Σ_j coef[s, g, j]·a[s, j, t] (fp32, fused multiply-adds allowed).
+
+        a: (S, m, T) float32; coef: (S, G, m); offsets: (P, T); best_v, best_i, second_v:
+        (S·G, P), point s·G + g.
+        """
+        n_sub, m, width = a.shape
+        g_pts = coef.shape[1]
+        n_pot = offsets.shape[0]
+        for s in prange(n_sub):
+            base = np.empty(BLOCK, np.float32)
+            buf = np.empty(BLOCK, np.float32)
+            bits = buf.view(np.int32)
+            maxima = np.empty(BLOCK // SPAN + 1, np.int32)
+            keyi = np.empty(1, np.int32)
+            keyf = keyi.view(np.float32)
+            a0, a1, a2 = a[s, 0], a[s, 1], a[s, m - 1]
+            for b0 in range(0, width, BLOCK):
+                n = min(BLOCK, width - b0)
+                a0b, a1b, a2b = a0[b0 : b0 + n], a1[b0 : b0 + n], a2[b0 : b0 + n]
+                for g in range(g_pts):
+                    c0, c1 = coef[s, g, 0], coef[s, g, 1]
+                    c2 = coef[s, g, 2] if m == 3 else np.float32(0.0)
+                    for t in range(n):
+                        base[t] = c0 * a0b[t] + c1 * a1b[t] + c2 * a2b[t]
+                    p0 = s * g_pts + g
+                    for p in range(n_pot):
+                        off = offsets[p, b0 : b0 + n]
+                        for t in range(n):
+                            buf[t] = base[t] + off[t]
+                        _block_top1(
+                            buf, bits, n, maxima, t0 + b0, best_v[p0], best_i[p0], second_v[p0],
+                            p, keyf, keyi,
+                        )  # fmt: skip
+
+    @_parallel_or_serial(lambda x, y, h, idx, *_: idx.size * x.shape[1])
+    def exact_rows(x, y, h, idx, out):
+        """out[b, p] = ⟨x_b, y_i⟩ + h[p, i] in float64 for i = idx[b, p]: each potential's
+        winner scored exactly (x (B, D) float32, y (N, D) float32, h (P, N) float64, idx
+        (B, P) local indices, out (B, P))."""
+        for b in prange(x.shape[0]):
+            for z in range(idx.shape[1]):
+                i = idx[b, z]
+                acc = 0.0
+                for d in range(x.shape[1]):
+                    acc += np.float64(x[b, d]) * np.float64(y[i, d])
+                out[b, z] = acc + h[z, i]
+
+    @_parallel_or_serial(lambda q, coef, y, h, idx, *_: idx.size * q.shape[2] * (1 + q.shape[1]))
+    def exact_lattice(q, coef, y, h, idx, out):
+        """:func:`exact_rows` for lattice points x_sg formed in fp32 in
+        :meth:`~dpmot_dist.ot.sources.Lattice.points`' order (q (S, m, D), coef (S, G, m)
+        float32); idx, out: (S·G, P), point s·G + g."""
+        n_sub, m, dim = q.shape
+        g_pts = coef.shape[1]
+        for p in prange(n_sub * g_pts):
+            s, g = p // g_pts, p % g_pts
+            x = np.empty(dim, np.float32)
+            for d in range(dim):
+                x[d] = coef[s, g, 0] * q[s, 0, d]
+            for j in range(1, m):
+                cj = coef[s, g, j]
+                for d in range(dim):
+                    x[d] = x[d] + np.float32(cj * q[s, j, d])
+            for z in range(idx.shape[1]):
+                i = idx[p, z]
+                acc = 0.0
+                for d in range(dim):
+                    acc += np.float64(x[d]) * np.float64(y[i, d])
+                out[p, z] = acc + h[z, i]
