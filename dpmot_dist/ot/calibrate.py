@@ -43,8 +43,8 @@ def candidate_sources(kind: str, dim: int) -> dict[str, Source]:
     out = {"monte-carlo": Source(kind=kind)}
     if dim <= 16:
         out["sobol"] = Source(kind=kind, qmc=True)
-    out["lattice-64"] = Source(kind=kind, lattice=64, lattice_rank=3)
-    out["lattice-16"] = Source(kind=kind, lattice=16, lattice_rank=3)
+    for points in (64, 16, 8):
+        out[f"lattice-{points}"] = Source(kind=kind, lattice=points, lattice_rank=3)
     return out
 
 

@@ -142,8 +142,14 @@ class TargetIndex:
     def fused_top1(self) -> bool:
         """Whether the exact top-1 of points and lattices (the solver's hot path) runs in the
         compiled kernel of kernels/_top1.c: one pass per GEMM tile, no top-c lists, one exact
-        score per winner (CPU, fp32 storage, with the fused CPU kernels)."""
-        return self._fused_cpu and cpu_top1.available() and self.dtype == torch.float32
+        score per winner (the torch backend on the CPU, fp32 storage, with the fused CPU
+        kernels)."""
+        return (
+            self._fused_cpu
+            and self.backend == "torch"
+            and self.dtype == torch.float32
+            and cpu_top1.available()
+        )
 
     def search(self, x: torch.Tensor, h: torch.Tensor | np.ndarray, k: int = 1):
         """Top-k of ⟨x, y_i⟩ + h_i per row.

@@ -242,15 +242,19 @@ AVX2 static void lattice_avx2(const float *a, int64_t m, int64_t T, const float 
     }
 }
 
+static int simd_allowed = 1; /* dpmot_top1_set_simd(0): the plain C code (tests) */
+
 static int have_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
-    return cached;
+    return cached && simd_allowed;
 }
 #else
+static int simd_allowed = 0;
+
 static int have_avx2(void) { return 0; }
 #endif
 
@@ -305,6 +309,12 @@ int dpmot_top1_lattice(const float *a, int64_t m, int64_t T, const float *coef, 
 }
 
 int dpmot_top1_simd(void) { return have_avx2(); }
+
+/* Allow (1) or forbid (0) the AVX2 code; returns whether it now runs. */
+int dpmot_top1_set_simd(int allow) {
+    simd_allowed = allow;
+    return have_avx2();
+}
 
 /* ---- exact scores of the winners ------------------------------------------------------ */
 /* Float64 scores <x, y_i> + h[p, i] of each point's winner i = idx[b, p], summed in the order

@@ -30,20 +30,26 @@ def _load():
         return None
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError:
+        _declare(lib)
+    except (OSError, AttributeError):  # unloadable, or a stale build missing a symbol
         return None
+    return lib
+
+
+def _declare(lib) -> None:
+    """The argument and result types of the library's functions."""
     ptr = ctypes.c_void_p
     lib.dpmot_top1_rows.argtypes = [ptr, _i64, _i64, _i64, _i64, ptr, _i64, _i64, _i64]
     lib.dpmot_top1_rows.argtypes += [ptr, ptr, ptr]
     lib.dpmot_top1_lattice.argtypes = [ptr, _i64, _i64, ptr, _i64, _i64, _i64, ptr, _i64, _i64]
     lib.dpmot_top1_lattice.argtypes += [_i64, ptr, ptr, ptr]
     lib.dpmot_top1_rows.restype = lib.dpmot_top1_lattice.restype = ctypes.c_int
-    lib.dpmot_top1_simd.restype = ctypes.c_int
+    lib.dpmot_top1_simd.restype = lib.dpmot_top1_set_simd.restype = ctypes.c_int
+    lib.dpmot_top1_set_simd.argtypes = [ctypes.c_int]
     lib.dpmot_exact_rows.argtypes = [ptr, _i64, _i64, ptr, ptr, _i64, ptr, _i64, ptr]
     lib.dpmot_exact_lattice.argtypes = [ptr, _i64, _i64, _i64, ptr, _i64, ptr, ptr, _i64]
     lib.dpmot_exact_lattice.argtypes += [ptr, _i64, ptr]
     lib.dpmot_exact_rows.restype = lib.dpmot_exact_lattice.restype = None
-    return lib
 
 
 _LIB = _load()
@@ -57,6 +63,11 @@ def available() -> bool:
 def simd() -> bool:
     """Whether the kernel runs its AVX2 + FMA code on this CPU (else plain C)."""
     return bool(_LIB is not None and _LIB.dpmot_top1_simd())
+
+
+def set_simd(allow: bool) -> bool:
+    """Allow or forbid the AVX2 code (tests run both); returns whether it now runs."""
+    return bool(_LIB.dpmot_top1_set_simd(int(allow)))
 
 
 def empty_state(points: int, potentials: int):
