@@ -62,6 +62,14 @@ def test_bench_tta_times_both_fits_to_the_same_tv(capsys):
     assert r["plain"]["source"]["lattice"] == 0
     assert r["plain_reached"] == (r["plain"]["stop_reason"] == "tolerance")
     assert r["time_ratio"] == pytest.approx(r["plain"]["seconds"] / r["default"]["seconds"])
+    # the same comparison on bench solver's evaluator (the square's TV is exact)
+    curve = r["plain_curve"]
+    assert curve and r["default_eval_floor"] == 0 and 0 < r["default_eval_tv"] < 1
+    assert all(a["samples"] < b["samples"] and a["seconds"] < b["seconds"]
+               for a, b in zip(curve, curve[1:], strict=False))  # fmt: skip
+    reached = curve[-1]["tv"] <= r["default_eval_tv"]
+    assert r["time_ratio_eval_lower_bound"] == (not reached)
+    assert all(c["tv"] > r["default_eval_tv"] for c in curve[:-1])
 
 
 def test_bench_cells_reports_exact_errors(capsys):
