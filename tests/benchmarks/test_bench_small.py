@@ -54,6 +54,7 @@ def test_bench_scale_runs_every_stage(capsys, ray_local):
 
 def test_bench_tta_times_both_fits_to_the_same_tv(capsys):
     argv = ["bench", "tta", "--problem", "square", "--iters", "20", "--check-every", "5"]
+    argv += ["--eval-curve"]
     assert main([*argv, "--json"]) == 0
     r = last_json(capsys)
     assert r["problem"] == "square-2d-uniform" and r["n"] == 100
