@@ -185,6 +185,11 @@ def accuracy(problem: Problem, assigner: LocalAssigner, h: np.ndarray, eval_samp
         samples = min(MAX_EVAL, math.ceil(samples * (3.3 * floor / tv) ** 2))
 
 
+def eval_samples_for(problem: Problem) -> int:
+    """The first evaluation sample's size: 64 per cell in [2^18, 2^24] (it grows from there)."""
+    return int(min(max(64 * problem.n, 1 << 18), 1 << 24))
+
+
 def run_method(
     problem: Problem,
     solver: SDOTSolver,
@@ -193,23 +198,28 @@ def run_method(
     assigner,
     evaluator: LocalAssigner,
     seconds: float = 0.0,
+    target: float | None = None,
 ) -> list[dict]:
     """TV of ``solver``'s potential each time its samples cross a budget, and the seconds of
     fit loop spent so far (starting from ``seconds``, e.g. a calibration's). A solver that
-    stops by itself is evaluated once more at the samples where it stopped."""
-    nu = np.full(problem.n, 1.0 / problem.n)
+    stops (by itself, or at ``solver.max_iters``) is evaluated once more where it stopped;
+    given ``target``, the run ends at the first evaluation with TV ≤ target."""
     t0 = time.perf_counter()
     state = solver.init_state(assigner)
     seconds += time.perf_counter() - t0
+    nu = np.full(problem.n, 1.0 / problem.n)
     out, pending = [], sorted(budgets)
-    while pending and not state.converged:
+    while pending:
         t0 = time.perf_counter()
         solver.step(assigner, nu, state)
         seconds += time.perf_counter() - t0
-        while pending and (state.samples >= pending[0] or state.converged):
+        stopped = state.converged or state.iteration >= solver.max_iters
+        while pending and (state.samples >= pending[0] or stopped):
             tv, floor = accuracy(problem, evaluator, solver.potential(state), eval_samples)
             point = {"budget": pending.pop(0), "samples": state.samples, "seconds": seconds}
             out.append({**point, "tv": tv, "noise_floor": floor, "stopped": state.converged})
+            if stopped or (target is not None and tv <= target):
+                return out
     return out
 
 
@@ -315,7 +325,7 @@ def bench_problem(
     lattice: int | None = None,
     peer: bool = True,
 ) -> dict:
-    eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
+    eval_samples = eval_samples_for(problem)
     index = TargetIndex(problem.y)
     evaluator = evaluator_for(problem, index)
     budgets = list(problem.budgets or budgets)

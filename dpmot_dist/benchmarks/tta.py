@@ -15,14 +15,14 @@ It reports each run's seconds, iterations, projections, stop reason and TV, and
 
 The fit's own tolerance checks are Monte Carlo samples of at most 16 × 64·N points, whose
 noise floor (≈ 0.0125 on digits) hides a TV below it. So with ``--eval-curve`` the bench also
-measures both with
-``bench solver``'s evaluator (lattice points, measured noise floor; not timed): the default
-fit's potential gives T_eval, and plain Monte Carlo (the solver ``--lattice 0
---control-variate none`` runs, iterated to the cap without stopping, so it gets every chance)
-is evaluated each time its projections double, until its TV ≤ T_eval. Its fit-loop
-seconds to T_eval (log-log interpolation, evaluations excluded) ÷ the default's wall seconds
-(calibration, final evaluation and writes included) is ``time_ratio_eval``; when plain never
-gets there, its seconds at the cap bound it from below (``time_ratio_eval_lower_bound``).
+measures both with ``bench solver``'s evaluator (lattice points, measured noise floor; not
+timed): the default fit's potential gives T_eval, and plain Monte Carlo (the solver
+``--lattice 0 --control-variate none`` runs, iterated to the cap without stopping, so it gets
+every chance) is evaluated each time its projections double, until its TV ≤ T_eval. Its
+fit-loop seconds to T_eval (log-log interpolation, evaluations excluded) ÷ the default's wall
+seconds (calibration, final evaluation and writes included) is ``time_ratio_eval``; when
+plain never gets there, its seconds at the cap bound it from below
+(``time_ratio_eval_lower_bound``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dpmot_dist.benchmarks.solver import accuracy, evaluator_for, problems, reach
+from dpmot_dist.benchmarks.solver import (
+    accuracy,
+    eval_samples_for,
+    evaluator_for,
+    problems,
+    reach,
+    run_method,
+)
 from dpmot_dist.ot.assign import LocalAssigner
 from dpmot_dist.ot.search import TargetIndex
 from dpmot_dist.ot.solver import SDOTSolver
@@ -64,28 +71,15 @@ def _fit(targets: str, out: str, **options) -> dict:
     }, result.h
 
 
-def plain_curve(problem, evaluator, eval_samples: int, target: float, iters: int, seed: int):
-    """Plain Monte Carlo's TV (bench evaluator) each time its projections double, with
-    its fit-loop seconds, until TV ≤ ``target`` or ``iters`` iterations."""
+def plain_curve(problem, evaluator, target: float, iters: int, seed: int) -> list[dict]:
+    """Plain Monte Carlo's TV (bench evaluator) each time its projections double, with its
+    fit-loop seconds, until TV ≤ ``target`` or ``iters`` iterations."""
     solver = SDOTSolver(control_variate="none", stop="cap", max_iters=iters)
     assigner = LocalAssigner(evaluator.index, Source(kind=problem.source), seed, chunk=8192)
-    nu = np.full(problem.n, 1.0 / problem.n)
-    t0 = time.perf_counter()
-    state = solver.init_state(assigner)
-    seconds, budget, curve = time.perf_counter() - t0, 8 * problem.n, []
-    while state.iteration < iters:
-        t0 = time.perf_counter()
-        solver.step(assigner, nu, state)
-        seconds += time.perf_counter() - t0
-        if state.samples < budget and state.iteration < iters:
-            continue
-        tv, floor = accuracy(problem, evaluator, solver.potential(state), eval_samples)
-        curve.append({"samples": state.samples, "seconds": seconds, "tv": tv, "noise_floor": floor})
-        print(f"    plain {state.samples:.3g} projections {seconds:.1f} s: TV {tv:.4f}", flush=True)
-        if tv <= target:
-            break
-        budget = max(budget * 2, state.samples + 1)
-    return curve
+    budgets = [8 * problem.n << k for k in range(64)]  # doubling; the cap or the target ends it
+    return run_method(
+        problem, solver, budgets, eval_samples_for(problem), assigner, evaluator, target=target
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -118,10 +112,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     if args.eval_curve:
         evaluator = evaluator_for(problem, TargetIndex(problem.y))
-        eval_samples = int(min(max(64 * problem.n, 1 << 18), 1 << 24))
-        target, floor = accuracy(problem, evaluator, h, eval_samples)
+        target, floor = accuracy(problem, evaluator, h, eval_samples_for(problem))
         print(f"  default TV {target:.4f} (floor {floor:.4f}) on the bench evaluator …")
-        curve = plain_curve(problem, evaluator, eval_samples, target, args.iters, args.seed)
+        curve = plain_curve(problem, evaluator, target, args.iters, args.seed)
         seconds = reach(curve, target, "seconds")
         bound = not math.isfinite(seconds)
         out.update(
